@@ -1,0 +1,81 @@
+"""Gradient-combination strategies as pure torch functions.
+
+Every rule is per-segment coefficients w = [w_p, w_g] computed from the 2×2 Gram matrix of the
+perception and generation gradients, and the shared-parameter gradient is w_p·g_p + w_g·g_g.
+A segment is the whole flattened gradient (default) or one parameter tensor (`segment_ids`).
+Grams are sums over coordinates, so partial Grams over disjoint shards add up to the full one:
+under ZeRO each rank calls `gram_matrix` on its shard, all-reduces [S, 2, 2], calls `weights`,
+and `apply_weights` on its shard.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import genrep, pcgrad, sum  # noqa: F401  (registers the strategies)
+from .registry import STRATEGIES, Registry, Strategy, Telemetry
+
+__all__ = ["Registry", "Strategy", "STRATEGIES", "available", "get", "weights", "gram_matrix",
+           "apply_weights", "combine", "segment_ids"]
+
+
+def available() -> list[str]:
+    """Registered combination rules. `separate` (two models, one per task) is a training mode, not a rule."""
+    return STRATEGIES.names()
+
+
+def get(name: str) -> Strategy:
+    return STRATEGIES.get(name)
+
+
+def weights(name: str, gram: torch.Tensor, state=None, **options) -> tuple[torch.Tensor, Telemetry]:
+    """w [..., 2] and per-segment telemetry for gram [..., 2, 2] under strategy `name`."""
+    return get(name).weights(gram, state, **options)
+
+
+def segment_ids(shapes_or_numels: Sequence, device=None) -> torch.Tensor:
+    """LongTensor[D] giving each coordinate of the flattened parameters its tensor's index."""
+    numels = [n if isinstance(n, int) else math.prod(n) for n in shapes_or_numels]
+    ids = torch.arange(len(numels), device=device)
+    return ids.repeat_interleave(torch.tensor(numels, device=device))
+
+
+def _check_grads(grads: torch.Tensor) -> None:
+    if grads.ndim != 2 or grads.shape[0] != 2:
+        raise ValueError(f"grads must be [2, D] (perception, generation), got {tuple(grads.shape)}")
+
+
+def gram_matrix(grads: torch.Tensor, segments: torch.Tensor | None = None,
+                num_segments: int | None = None) -> torch.Tensor:
+    """G[s] = Σ_{i: seg(i)=s} g_i g_iᵀ for grads [2, D] → [S, 2, 2] (S = 1 without segments).
+
+    Pass `num_segments` on a shard: a rank may hold no coordinate of the last segments.
+    """
+    _check_grads(grads)
+    if segments is None:
+        return (grads @ grads.T)[None]
+    g_p, g_g = grads
+    products = torch.stack([g_p * g_p, g_p * g_g, g_g * g_g], 1)  # [D, 3]: 3·D memory, not 4·D
+    S = int(segments.max()) + 1 if num_segments is None else num_segments
+    sums = products.new_zeros(S, 3).index_add_(0, segments, products)
+    return sums[:, [0, 1, 1, 2]].reshape(S, 2, 2)
+
+
+def apply_weights(grads: torch.Tensor, w: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """g_i = w[seg(i), 0]·g_p,i + w[seg(i), 1]·g_g,i for grads [2, D] and w [S, 2]."""
+    _check_grads(grads)
+    w = w.reshape(-1, 2)
+    w_i = w[segments].T if segments is not None else w[0][:, None]  # [2, D] or [2, 1]
+    return w_i[0] * grads[0] + w_i[1] * grads[1]
+
+
+def combine(name: str, grads: torch.Tensor, segments: torch.Tensor | None = None, state=None,
+            **options) -> tuple[torch.Tensor, Telemetry]:
+    """Combined gradient [D] of grads [2, D] under `name`, and telemetry ([S] tensors).
+
+    A stateful rule (genrep, rule="gradvac") returns telemetry["state"]: pass it as `state` next step.
+    """
+    w, tel = weights(name, gram_matrix(grads, segments), state, **options)
+    return apply_weights(grads, w, segments), tel

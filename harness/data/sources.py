@@ -1,0 +1,178 @@
+"""Image sources to pack: each gives (image uint8 [H, W, C], label) pairs, class names and masks.
+
+Registered by name in a strict registry; `open_source("folder:/data/pets", ...)` splits the
+prefix from its argument. Every source resizes to `image_size` so one shard set has one shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from genrep.registry import Registry
+
+from .errors import DataError
+
+SOURCES: Registry[Callable[..., "Source"]] = Registry("data source")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A sized, lazily loaded image source: `load(i) -> (image [H, W, C] uint8, mask or None)`."""
+
+    name: str
+    params: dict
+    class_names: list[str]
+    labels: np.ndarray  # (N,) int64, known up front so the split can be stratified
+    channels: int
+    load: Callable[[int], tuple[np.ndarray, np.ndarray | None]] = field(repr=False)
+    has_mask: bool = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
+        for i in range(len(self)):
+            yield self.load(i)[0], int(self.labels[i])
+
+
+def open_source(spec: str, image_size: int = 16, count: int | None = None, seed: int = 0) -> Source:
+    """Build the source named by `spec` ("digits", "shapes", "folder:PATH", "npz:PATH")."""
+    name, _, arg = spec.partition(":")
+    factory = SOURCES.get(name)
+    return factory(arg or None, image_size=image_size, count=count, seed=seed)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop to a square, then bilinear-resize to `size`×`size`; keeps [H, W, C] uint8."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    image = image[top:top + s, left:left + s]
+    if s != size:
+        pil = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+        image = np.asarray(pil.resize((size, size), Image.BILINEAR)).reshape(size, size, -1)
+    return image
+
+
+def _no_arg(name: str, arg: str | None) -> None:
+    if arg:
+        raise DataError(f"data source {name!r} takes no argument (got {arg!r})")
+
+
+@SOURCES.register("digits")
+def digits(arg: str | None, image_size: int = 16, count: int | None = None, seed: int = 0) -> Source:
+    """scikit-learn's handwritten digits: 1,797 8×8 images with values 0..16, 10 classes."""
+    from sklearn.datasets import load_digits
+
+    _no_arg("digits", arg)
+    data = load_digits()
+    # 0..16 → 0..255 (×255/16, rounded) before the bilinear upscale
+    small = np.rint(data.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return Source("digits", {}, [str(c) for c in data.target_names], data.target.astype(np.int64),
+                  1, lambda i: (resize(small[i], image_size), None))
+
+
+@SOURCES.register("npz")
+def npz(arg: str | None, image_size: int = 16, count: int | None = None, seed: int = 0) -> Source:
+    """A CIFAR-style .npz: `x` (N, H, W[, C]) uint8 and `y` (N,) integer labels."""
+    if not arg:
+        raise DataError("data source 'npz' needs a path: 'npz:/path/to/file.npz'")
+    with np.load(arg) as f:
+        if "x" not in f or "y" not in f:
+            raise DataError(f"{arg}: needs arrays 'x' and 'y', found {sorted(f.files)}")
+        x, y = f["x"], f["y"].astype(np.int64).reshape(-1)
+    x = x[..., None] if x.ndim == 3 else x
+    if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y) or x.shape[3] not in (1, 3):
+        raise DataError(f"{arg}: x must be uint8 (N,H,W[,1|3]) matching y (N,); "
+                        f"got x {x.dtype}{x.shape}, y {y.shape}")
+    n_cls = int(y.max()) + 1 if len(y) else 0
+    return Source("npz", {"path": str(Path(arg).resolve())}, [str(c) for c in range(n_cls)],
+                  y, x.shape[3], lambda i: (resize(x[i], image_size), None))
+
+
+@SOURCES.register("folder")
+def folder(arg: str | None, image_size: int = 16, count: int | None = None, seed: int = 0) -> Source:
+    """An image folder with one sub-folder per class (class index = sorted sub-folder order), RGB."""
+    if not arg:
+        raise DataError("data source 'folder' needs a path: 'folder:/path/to/images'")
+    root = Path(arg)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders found")
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())
+             if p.suffix.lower() in IMAGE_SUFFIXES]
+
+    def load(i: int) -> tuple[np.ndarray, None]:
+        with Image.open(files[i][0]) as im:
+            return resize(np.asarray(im.convert("RGB")), image_size), None
+
+    labels = np.array([c for _, c in files], dtype=np.int64)
+    return Source("folder", {"path": str(root.resolve())}, classes, labels, 3, load)
+
+
+# --- shapes: a procedural generator, deterministic per (seed, index) ---------------------------
+
+SHAPES = ["circle", "square", "triangle", "plus", "ring", "diamond", "star", "hbar", "vbar", "x"]
+SUPERSAMPLE = 4  # draw at 4× then box-filter, so small shapes keep their outline
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float) -> None:
+    """Draw `shape` (filled, value 255) centred at (cx, cy) with radius r, in pixels."""
+    box = [cx - r, cy - r, cx + r, cy + r]
+    t = r / 3  # stroke half-width for bars and crosses
+    if shape == "circle":
+        draw.ellipse(box, fill=255)
+    elif shape == "ring":
+        draw.ellipse(box, fill=255)
+        draw.ellipse([cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2], fill=0)
+    elif shape == "square":
+        draw.rectangle([cx - .8 * r, cy - .8 * r, cx + .8 * r, cy + .8 * r], fill=255)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=255)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=255)
+    elif shape == "star":
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        draw.polygon([(cx + q * np.cos(a), cy - q * np.sin(a)) for a, q in zip(angles, radii)], fill=255)
+    elif shape in ("plus", "hbar"):
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=255)
+    if shape in ("plus", "vbar"):
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=255)
+    if shape == "x":
+        draw.line([(cx - r, cy - r), (cx + r, cy + r)], fill=255, width=max(1, int(2 * t)))
+        draw.line([(cx - r, cy + r), (cx + r, cy - r)], fill=255, width=max(1, int(2 * t)))
+
+
+def shape_sample(index: int, label: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One RGB image [size, size, 3] and its 0/1 mask [size, size] for sample `index` of class `label`."""
+    rng = np.random.default_rng([seed, index])
+    big = size * SUPERSAMPLE
+    r = rng.uniform(0.25, 0.4) * big
+    cx, cy = rng.uniform(r, big - r, size=2)
+    canvas = Image.new("L", (big, big), 0)
+    _draw_shape(ImageDraw.Draw(canvas), SHAPES[label], cx, cy, r)
+    coverage = np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+    mask = (coverage >= 0.5).astype(np.uint8)
+    # textured background: a muted 4×4 colour field upsampled, plus per-pixel noise
+    field = Image.fromarray(rng.integers(20, 140, size=(4, 4, 3), dtype=np.uint8))
+    bg = np.asarray(field.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    bg = bg + rng.normal(0, 12, size=bg.shape)
+    colour = rng.integers(150, 256, size=3).astype(np.float32)
+    image = bg * (1 - coverage[..., None]) + colour * coverage[..., None]
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
+
+
+@SOURCES.register("shapes")
+def shapes(arg: str | None, image_size: int = 16, count: int | None = None, seed: int = 0) -> Source:
+    """10 classes of bright shapes on textured backgrounds, with masks; `count` samples (default 2,000)."""
+    _no_arg("shapes", arg)
+    n = 2000 if count is None else count
+    labels = np.arange(n, dtype=np.int64) % len(SHAPES)  # balanced classes
+    return Source("shapes", {"count": n, "seed": seed}, list(SHAPES), labels, 3,
+                  lambda i: shape_sample(i, int(labels[i]), image_size, seed), has_mask=True)

@@ -1,0 +1,255 @@
+"""Streaming loader over webdataset shards: node × worker split, seeded shuffles, resume, bad data.
+
+Splitting. Every reader — one (rank, DataLoader worker) pair, n = world_size · max(num_workers, 1)
+of them — walks the *same* seeded shard order and keeps every n-th sample, starting at its own
+index. That is exact (each sample once per epoch across the world, whatever the shard count) and
+the expensive part, PNG decoding, happens after the split, so it is divided n ways; the price is
+that every reader reads (not decodes) every tar byte, which is fine for a few small shards. The
+shuffle buffer runs after the split, so it only reorders a reader's own samples.
+
+Resampled mode draws shards with replacement, forever, seeded per reader; no exact split there.
+
+Bad data. A tar that cannot be read raises DataError naming the shard URL; a sample without a
+`.cls`, with a bad label or an undecodable image raises DataError naming shard and key. With
+`on_bad_sample="skip"` each is recorded as a SkipRecord (sent in-band from the workers) and counted
+in `loader.skipped` / `loader.skip_log`, never dropped silently.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from .errors import DataError, SkipRecord
+from .manifest import Manifest, load_manifest
+
+POLICIES = ("raise", "skip")
+
+
+def shard_urls(manifest: Manifest | str | os.PathLike, split: str, base: str | None = None) -> list[str]:
+    """URLs of a split's shards. `base`: None (next to the manifest), a local dir, a `file://` or
+    other URL prefix, or a template containing "{file}" such as "pipe:aws s3 cp s3://b/{file} -".
+    A brace pattern string ("/data/train-{00000..00003}.tar") is expanded and returned as is."""
+    if isinstance(manifest, str) and "{" in manifest and not manifest.endswith(".json"):
+        return expand_urls(manifest)
+    m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    files = [s.file for s in m.split(split).shards]
+    if base is None:
+        return [str(m.root / f) for f in files]
+    if "{file}" in base:
+        return [base.replace("{file}", f) for f in files]
+    if base.startswith("pipe:"):
+        raise DataError(f"a pipe: base needs a '{{file}}' placeholder, got {base!r}")
+    if "://" in base:
+        return [base.rstrip("/") + "/" + f for f in files]
+    return [str(Path(base) / f) for f in files]
+
+
+def batches_per_epoch(count: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches every rank can take with drop_last (ranks hold count // world or one more sample);
+    cap training at this so all ranks step the same number of times."""
+    return (count // world_size) // batch_size
+
+
+# --- pipeline stages: generators over samples, markers (SkipRecord) pass straight through ------
+
+def read_shards(shards: Iterable[dict], policy: str) -> Iterator[dict | SkipRecord]:
+    """Open each shard URL and group its files into samples; an unreadable shard → DataError."""
+    for shard in shards:
+        url = shard["url"]
+        try:
+            yield from group_by_keys(tar_file_expander(url_opener([dict(url=url)])))
+        except Exception as e:  # tarfile.ReadError, OSError, a failing pipe: ...
+            err = f"unreadable shard ({type(e).__name__}: {e.args[0] if e.args else e})"
+            if policy == "raise":
+                raise DataError(f"shard {url}: {err}") from e
+            yield SkipRecord(url, None, err)
+
+
+def split_samples(samples: Iterable, index: int, count: int) -> Iterator:
+    """Keep every `count`-th sample starting at `index` (reader `index` of `count`); markers from
+    earlier stages are kept by reader 0 only, so each is reported once."""
+    for i, s in enumerate(samples):
+        if isinstance(s, SkipRecord):
+            if index == 0:
+                yield s
+        elif i % count == index:
+            yield s
+
+
+def decode_sample(sample: dict, channels: int | None) -> tuple[np.ndarray, int]:
+    """(image uint8 [C, H, W], label) from a raw sample; problems raise DataError with shard+key."""
+    where = f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r}"
+    for ext in ("cls", "png"):
+        if ext not in sample:
+            raise DataError(f"{where}: no .{ext} entry (has {sorted(k for k in sample if k[0] != '_')})")
+    try:
+        label = int(sample["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{where}: .cls is not an integer ({sample['cls'][:20]!r})") from e
+    try:
+        with Image.open(io.BytesIO(sample["png"])) as im:
+            im.load()
+            mode = {1: "L", 3: "RGB"}.get(channels or (1 if im.mode in ("L", "1", "I;16") else 3))
+            array = np.asarray(im.convert(mode))
+    except Exception as e:
+        raise DataError(f"{where}: .png is not a decodable image ({e})") from e
+    return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), label
+
+
+def decode_all(samples: Iterable, channels: int | None, policy: str) -> Iterator:
+    for s in samples:
+        if isinstance(s, SkipRecord):
+            yield s
+            continue
+        try:
+            yield decode_sample(s, channels)
+        except DataError as e:
+            if policy == "raise":
+                raise
+            yield SkipRecord(s.get("__url__"), s.get("__key__"), str(e).split(": ", 2)[-1])
+
+
+def collate(items: Iterable, batch_size: int, drop_last: bool) -> Iterator:
+    """Batches of (images float32 [B, C, H, W] in [-1, 1], labels int64 [B]); markers pass through."""
+    images, labels = [], []
+    for item in items:
+        if isinstance(item, SkipRecord):
+            yield item
+            continue
+        images.append(item[0])
+        labels.append(item[1])
+        if len(images) == batch_size:
+            yield _to_batch(images, labels)
+            images, labels = [], []
+    if images and not drop_last:
+        yield _to_batch(images, labels)
+
+
+def _to_batch(images: list, labels: list) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.stack(images)).float().div_(127.5).sub_(1.0)  # uint8 0..255 → [-1, 1]
+    return x, torch.tensor(labels, dtype=torch.int64)
+
+
+# --- one reader's pipeline, built inside the DataLoader worker ---------------------------------
+
+def _reader_seed(seed: int, epoch: int, reader: int) -> int:
+    return (seed * 1_000_003 + epoch) * 10_007 + reader
+
+
+class _ReaderStream(IterableDataset):
+    """The wds.DataPipeline for one reader; holds only plain config so it pickles to workers."""
+
+    def __init__(self, urls: list[str], cfg: dict):
+        super().__init__()
+        self.urls, self.cfg = urls, cfg
+
+    def __iter__(self) -> Iterator:
+        c, info = self.cfg, get_worker_info()
+        workers = info.num_workers if info else 1
+        reader = c["rank"] * workers + (info.id if info else 0)
+        n_readers = c["world_size"] * workers
+        return iter(wds.DataPipeline(*self._stages(reader, n_readers)))
+
+    def _stages(self, reader: int, n_readers: int) -> list:
+        c = self.cfg
+        stages: list = []
+        if c["resampled"]:  # with replacement, forever; each reader its own seeded draw
+            rng = random.Random(_reader_seed(c["seed"], c["epoch"], reader))
+            stages += [_resample(self.urls, rng), lambda s: read_shards(s, c["policy"])]
+        else:  # same shard order on every reader, then every n-th sample
+            urls = list(self.urls)
+            if c["shuffle_shards"]:
+                random.Random(_reader_seed(c["seed"], c["epoch"], 0)).shuffle(urls)
+            stages += [wds.SimpleShardList(urls), lambda s: read_shards(s, c["policy"]),
+                       lambda s: split_samples(s, reader, n_readers)]
+        if c["shuffle_buffer"] > 1:
+            stages.append(wds.shuffle(c["shuffle_buffer"], initial=c["shuffle_buffer"],
+                                      seed=_reader_seed(c["seed"], c["epoch"], reader)))
+        stages += [lambda s: decode_all(s, c["channels"], c["policy"]),
+                   lambda s: collate(s, c["batch_size"], c["drop_last"])]
+        return stages
+
+
+def _resample(urls: list[str], rng: random.Random) -> Iterator[dict]:
+    while True:
+        yield dict(url=rng.choice(urls))
+
+
+def _identity(x):
+    return x
+
+
+class ShardLoader:
+    """Iterable of (images, labels) batches over shard URLs; see the module docstring.
+
+    Position: `state_dict()` holds the epoch and batches consumed; after `load_state_dict`, the
+    next iteration replays the same order and skips that many batches. A full pass advances the
+    epoch (reseeding shard order and shuffle buffer); `set_epoch` sets it explicitly."""
+
+    def __init__(self, urls: list[str], cfg: dict, num_workers: int):
+        self.urls, self.cfg, self.num_workers = urls, cfg, num_workers
+        self.epoch, self.batches = cfg["epoch"], 0
+        self.skip_log: list[SkipRecord] = []
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skip_log)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches,
+                "skip_log": [list(r) for r in self.skip_log]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.skip_log = [SkipRecord(*r) for r in state.get("skip_log", [])]
+
+    def _items(self) -> Iterable:
+        ds = _ReaderStream(self.urls, {**self.cfg, "epoch": self.epoch})
+        if self.num_workers == 0:
+            return ds
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        done = 0
+        for item in self._items():
+            if isinstance(item, SkipRecord):
+                if done >= self.batches:  # already logged before a resume
+                    self.skip_log.append(SkipRecord(*item))
+                continue
+            done += 1
+            if done <= self.batches:  # fast-forward to the saved position
+                continue
+            self.batches = done
+            yield item
+        self.epoch, self.batches = self.epoch + 1, 0
+
+
+def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0,
+                resampled: bool = False, on_bad_sample: str = "raise", image_channels: int | None = None,
+                drop_last: bool = True, shuffle_shards: bool = True) -> ShardLoader:
+    """A ShardLoader over `urls` (a list, or one brace pattern) for reader `rank` of `world_size`."""
+    urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
+    if on_bad_sample not in POLICIES:
+        raise ValueError(f"on_bad_sample must be one of {POLICIES}, got {on_bad_sample!r}")
+    if not urls or not 0 <= rank < world_size or batch_size < 1 or num_workers < 0:
+        raise ValueError(f"bad loader arguments: {len(urls)} urls, rank {rank} of {world_size}, "
+                         f"batch_size {batch_size}, num_workers {num_workers}")
+    cfg = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+               shuffle_buffer=shuffle_buffer, resampled=resampled, policy=on_bad_sample,
+               channels=image_channels, drop_last=drop_last, shuffle_shards=shuffle_shards)
+    return ShardLoader(urls, cfg, num_workers)

@@ -1,0 +1,108 @@
+"""DeepSpeed, and only here: the engine's config, its creation, and writing a combined gradient into it.
+
+The same code runs on a laptop (CPU accelerator, gloo, fp32) and on GPUs (NCCL, bf16); only the
+sweep's ``deepspeed`` and ``resources`` sections differ. Traps handled here (GROUND.md):
+- DeepSpeed's default ``gradient_clipping`` is 1.0: it is always written explicitly;
+- the CPU accelerator JIT-compiles a small op on first use: it gets a private, per-user
+  ``TORCH_EXTENSIONS_DIR`` and the venv's ``bin/`` (ninja) on PATH;
+- ``torch.autograd.grad`` through the engine's own forward fails, so the model is always called
+  as ``engine.module``; the engine is used for ``backward`` and ``step`` only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.config import TrialConfig
+
+log = logging.getLogger(__name__)
+
+
+def prepare_environment() -> None:
+    """Process-wide settings DeepSpeed needs before it is imported (idempotent)."""
+    cache = Path(os.environ.get("GENREP_CACHE", Path.home() / ".cache" / "genrep-bench"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("DeepSpeed").setLevel(
+        logging.INFO if os.environ.get("GENREP_VERBOSE") else logging.WARNING)
+
+
+def ds_config(cfg: TrialConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for one engine of this trial."""
+    if cfg.deepspeed.zero_stage == 3:
+        raise ValueError(
+            "deepspeed.zero_stage: 3 is not supported: ZeRO-3 partitions the parameters outside "
+            "the engine's forward, and the per-task gradients are taken through engine.module; "
+            "use stage 0, 1 or 2")
+    micro = cfg.train.batch_size // world_size
+    conf: dict[str, Any] = {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif cfg.deepspeed.precision == "fp16":
+        conf["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    return conf
+
+
+def make_optimizer(params, cfg: TrialConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+
+
+def lr_lambda(warmup_steps: int):
+    """Linear warm-up to the base LR over ``warmup_steps``, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def make_engine(model: nn.Module, cfg: TrialConfig, world_size: int):
+    """A DeepSpeed engine around ``model`` (the process group is already up: Ray Train made it)."""
+    prepare_environment()
+    import deepspeed
+
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=ds_config(cfg, world_size), dist_init_required=False)
+    return engine
+
+
+def backward_combined(engine, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+    """Make the engine's gradient equal ``grads`` without a second backward through the network.
+
+    Surrogate loss S(θ) = Σ_i ⟨c_i, θ_i⟩ with c_i detached has ∇_θ S = c (GROUND.md, "surrogate
+    loss"): its backward costs O(P), and it runs through the engine's own hooks, so ZeRO's
+    reduce/partition machinery and the data-parallel averaging see it like any loss.
+    """
+    surrogate = sum((p * g.detach()).sum() for p, g in zip(params, grads))
+    engine.backward(surrogate)
+
+
+def optimizer_state_bytes(engine) -> int:
+    """Bytes of optimizer state held by this rank (ZeRO partitions it)."""
+    opt = getattr(engine, "optimizer", None)
+    inner = getattr(opt, "optimizer", opt)
+    total = 0
+    for state in getattr(inner, "state", {}).values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total

@@ -1,0 +1,270 @@
+"""One training step on one data-parallel rank: losses, task gradients, the strategy, the update.
+
+Two training modes, registered by name; the loop never names a strategy:
+- ``joint``: one GenRep network; the strategy combines the perception and generation gradients of
+  the shared parameters (on the *global*, all-reduced gradients), the head takes the perception
+  gradient untouched. A strategy that needs no task gradients (``sum``) is a single backward.
+- ``separate``: two networks of the same architecture, one per task, each with its own engine.
+
+Randomness is drawn for the *global* batch from a generator seeded by (seed, step, stream) and each
+rank takes its slice, so a W-worker run draws exactly the numbers a 1-worker run on the
+concatenated batch draws: this is what makes the "2 workers = 1 worker" proof exact.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from genrep import strategies
+from genrep.diffusion import make_scheduler
+from genrep.losses import cross_entropy, denoising_loss_given, distillation_loss
+from genrep.model import GenRepModel, build_model
+from genrep.posterior import class_errors, draw_mc, mc_posterior, posterior
+from genrep.registry import Registry
+from harness import engine as ds
+from harness.config import TrialConfig
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's slice of the global batch."""
+
+    rank: int
+    world: int
+    local: int  # per-rank batch size
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.rank * self.local: (self.rank + 1) * self.local]
+
+
+def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
+    """A generator whose state depends only on (seed, step, stream): identical on every rank."""
+    digest = hashlib.sha256(f"{seed}/{step}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """In-place average over the data-parallel ranks (a no-op on one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def flat(grads: list[torch.Tensor | None], params: list[nn.Parameter]) -> torch.Tensor:
+    """Concatenated gradients; a parameter a loss does not reach gets zeros."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, params)])
+
+
+def unflat(vec: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    out, i = [], 0
+    for p in params:
+        out.append(vec[i: i + p.numel()].view_as(p))
+        i += p.numel()
+    return out
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process in MiB (GPU: max_memory_allocated)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Network:
+    """One GenRep network with its DeepSpeed engine and (optionally) an EMA copy."""
+
+    def __init__(self, cfg: TrialConfig, world: int, seed: int, device: torch.device):
+        self.model: GenRepModel = build_model(cfg.model_config(), seed=seed).to(device)
+        self.engine = ds.make_engine(self.model, cfg, world)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.method.mc.teacher == "ema" else None
+        self.decay = cfg.method.ema_decay
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """θ_ema ← d·θ_ema + (1−d)·θ."""
+        if self.ema is not None:
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                e.lerp_(p.detach(), 1 - self.decay)
+
+    def teacher(self) -> GenRepModel:
+        return self.ema if self.ema is not None else self.model
+
+
+class Step:
+    """Shared machinery of both modes: draws, teacher, losses."""
+
+    def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device):
+        self.cfg, self.shard, self.device = cfg, shard, device
+        self.alphas_cumprod = make_scheduler().alphas_cumprod.to(device)
+        self.num_classes = cfg.model_config().num_classes
+
+    def draws(self, step: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """(t, ε, dropout mask) for the global batch, sliced to this rank."""
+        g = step_generator(self.cfg.seed, step, "denoise")
+        n = self.shard.local * self.shard.world
+        t = torch.randint(0, len(self.alphas_cumprod), (n,), generator=g)
+        noise = torch.randn((n, *shape), generator=g)
+        drop = torch.rand(n, generator=g) < self.cfg.method.p_uncond
+        return tuple(self.shard.take(v).to(self.device) for v in (t, noise, drop))
+
+    def generation_loss(self, model: GenRepModel, x, y, step: int):
+        t, noise, drop = self.draws(step, tuple(x.shape[1:]))
+        c = torch.where(drop, torch.full_like(y, model.null_class), y)
+        return denoising_loss_given(model.eps, x, c, t, noise, self.alphas_cumprod)
+
+    def teacher_probs(self, teacher: GenRepModel, x, step: int):
+        """q(c|x) for the first ⌈subset·B⌉ images every ``mc.every`` steps, else None.
+
+        Without pruning the K draws (t, ε) come from the global-batch generator (exact across
+        world sizes); the pruned two-round estimator draws per rank.
+        """
+        mc, m = self.cfg.method.mc, self.cfg.method
+        if m.beta_kd == 0 or step % mc.every:
+            return None, {"mc_evals": 0.0}
+        n = max(1, round(mc.subset * x.shape[0]))
+        if mc.prune_keep is not None:
+            g = step_generator(self.cfg.seed, step, f"mc/{self.shard.rank}")
+            res = mc_posterior(teacher.eps, x[:n], self.num_classes, mc.k, self.alphas_cumprod,
+                               tau_mc=mc.tau, chunk_size=mc.chunk_size, prune_k=mc.prune_k,
+                               prune_keep=mc.prune_keep, generator=g)
+            probs, stderr, evals = res.probs, res.stderr, res.evals
+        else:
+            g = step_generator(self.cfg.seed, step, "mc")
+            t, eps = draw_mc(mc.k, n * self.shard.world, tuple(x.shape[1:]), len(self.alphas_cumprod), g)
+            rows = slice(self.shard.rank * n, (self.shard.rank + 1) * n)
+            classes = torch.arange(self.num_classes, device=self.device)
+            errors, stderr = class_errors(teacher.eps, x[:n], t[rows].to(self.device),
+                                          eps[rows].to(self.device), classes, self.alphas_cumprod,
+                                          chunk_size=mc.chunk_size)
+            probs, evals = posterior(errors, mc.tau), n * mc.k * self.num_classes
+        finite = stderr[torch.isfinite(stderr)]
+        return probs, {"mc_evals": float(evals),
+                       "mc_stderr": float(finite.mean()) if finite.numel() else 0.0}
+
+    def perception_loss(self, model: GenRepModel, x, y, q):
+        """L_perc = [L_ce] + β·L_kd, the distillation term on the images the teacher scored."""
+        m, logits = self.cfg.method, model.logits(x)
+        loss, metrics = logits.new_zeros(()), {}
+        if m.use_ce:
+            ce, mce = cross_entropy(logits, y)
+            loss, metrics = loss + ce, {**metrics, **mce}
+        if q is not None:
+            kd, mkd = distillation_loss(logits[: q.shape[0]], q, m.tau_kd)
+            loss, metrics = loss + m.beta_kd * kd, {**metrics, **mkd}
+        metrics["acc"] = (logits.argmax(-1) == y).float().mean()
+        return loss, {**metrics, "loss_perc": loss.detach()}
+
+
+MODES: Registry[type] = Registry("training mode")
+
+
+@MODES.register("joint")
+class JointStep(Step):
+    def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device):
+        super().__init__(cfg, shard, device)
+        self.net = Network(cfg, shard.world, cfg.seed, device)
+        self.strategy = strategies.get(cfg.strategy.name)
+        model = self.net.model
+        self.shared, self.head = model.shared_parameters(), model.head_parameters()
+        tensor = cfg.strategy.granularity == "tensor"
+        self.segments = strategies.segment_ids([p.numel() for p in self.shared]).to(device) if tensor else None
+        self.state = None  # a stateful rule's running state (gradvac)
+
+    def networks(self) -> dict[str, Network]:
+        return {"joint": self.net}
+
+    def __call__(self, x, y, step: int) -> dict[str, Any]:
+        model, engine = self.net.model, self.net.engine
+        q, mq = self.teacher_probs(self.net.teacher(), x, step)
+        loss_p, mp = self.perception_loss(model, x, y, q)
+        loss_g, mg = self.generation_loss(model, x, y, step)
+        if self.strategy.needs_task_grads:
+            tel = self.aligned_backward(loss_p, loss_g)
+        else:
+            engine.backward(loss_p + loss_g)
+            tel = {}
+        engine.step()
+        self.net.update_ema()
+        return {**mq, **mp, **mg, **tel}
+
+    def aligned_backward(self, loss_p, loss_g) -> dict[str, float]:
+        """Global task gradients → strategy → combined gradient through the surrogate loss.
+
+        Communication: one all-reduce of the [2, D] task gradients (2·D floats) before the
+        decision, then the engine's own reduction of the combined gradient (D floats).
+        """
+        params = self.shared + self.head
+        g_p = torch.autograd.grad(loss_p, params, allow_unused=True)
+        g_g = torch.autograd.grad(loss_g, self.shared, allow_unused=True)
+        grads = all_reduce_mean(torch.stack([flat(g_p[: len(self.shared)], self.shared),
+                                             flat(g_g, self.shared)]))
+        opts = dict(self.cfg.strategy.options)
+        combined, tel = strategies.combine(self.strategy.name, grads, self.segments,
+                                           state=self.state, **opts)
+        self.state = tel.pop("state", self.state)
+        head = [g if g is not None else torch.zeros_like(p)
+                for g, p in zip(g_p[len(self.shared):], self.head)]
+        ds.backward_combined(self.net.engine, params, unflat(combined, self.shared) + head)
+        return telemetry(grads, tel)
+
+
+def telemetry(grads: torch.Tensor, tel: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Whole-vector cos and norm ratio, and the strategy's per-segment values averaged."""
+    gram = strategies.gram_matrix(grads)[0]
+    n_p, n_g = gram[0, 0].sqrt(), gram[1, 1].sqrt()
+    cos = gram[0, 1] / (n_p * n_g).clamp_min(1e-30)
+    out = {"cos": float(cos), "norm_p": float(n_p), "norm_g": float(n_g),
+           "norm_ratio": float(n_p / n_g.clamp_min(1e-30))}
+    for key in ("conflict", "damping", "w_p", "w_g"):
+        if key in tel and torch.is_tensor(tel[key]):
+            out[key] = float(tel[key].float().mean())
+    return out
+
+
+@MODES.register("separate")
+class SeparateStep(Step):
+    """Two networks: perception-only and generation-only; the teacher is the generation network."""
+
+    def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device):
+        super().__init__(cfg, shard, device)
+        self.perc = Network(cfg, shard.world, cfg.seed, device)
+        self.gen = Network(cfg, shard.world, cfg.seed + 10_000, device)
+
+    def networks(self) -> dict[str, Network]:
+        return {"perception": self.perc, "generation": self.gen}
+
+    def __call__(self, x, y, step: int) -> dict[str, Any]:
+        q, mq = self.teacher_probs(self.gen.teacher(), x, step)
+        loss_p, mp = self.perception_loss(self.perc.model, x, y, q)
+        loss_g, mg = self.generation_loss(self.gen.model, x, y, step)
+        self.perc.engine.backward(loss_p)
+        self.perc.engine.step()
+        self.gen.engine.backward(loss_g)
+        self.gen.engine.step()
+        self.gen.update_ema()
+        return {**mq, **mp, **mg}
+
+
+def mode_for(strategy: str) -> str:
+    return "separate" if strategy == "separate" else "joint"
+
+
+def make_step(cfg: TrialConfig, shard: Shard, device: torch.device) -> Step:
+    return MODES.get(mode_for(cfg.strategy.name))(cfg, shard, device)
+
+
+def timed(fn, *args) -> tuple[dict[str, Any], float]:
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start

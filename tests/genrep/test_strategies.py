@@ -1,0 +1,251 @@
+"""Gradient-combination strategies: hand-computed values, PCGrad against a direct implementation,
+and the Gram property the distributed harness relies on."""
+import math
+
+import pytest
+import torch
+
+import genrep.strategies as S
+from genrep.strategies.registry import Registry
+
+F64 = torch.float64
+
+
+def vecs(*rows):
+    return torch.tensor(rows, dtype=F64)
+
+
+def rand_grads(D=64, seed=0, conflict=True):
+    """Random [2, D] float64 grads; with conflict=True, g_p·g_g < 0 is guaranteed."""
+    g = torch.randn(2, D, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    if conflict and g[0] @ g[1] >= 0:
+        g[1] = g[1] - 2 * (g[0] @ g[1]) / (g[0] @ g[0]) * g[0] - 0.1 * g[0]
+    return g
+
+
+def pcgrad_reference(g_p, g_g):
+    """Yu et al. 2020, Algorithm 1 for two tasks, written out directly."""
+    out = []
+    for g_i, g_j in ((g_p, g_g), (g_g, g_p)):
+        g = g_i.clone()
+        if g @ g_j < 0:  # the projection uses the *original* other gradient
+            g = g - (g @ g_j) / (g_j @ g_j) * g_j
+        out.append(g)
+    return out[0] + out[1]
+
+
+# --- hand-computed 2-D values --------------------------------------------------------------
+
+def test_pcgrad_hand_computed():
+    # d = -1, ‖g_p‖² = 1, ‖g_g‖² = 2: g_p' = [1,0] + ½[-1,1] = [½,½]; g_g' = [-1,1] + [1,0] = [0,1]
+    g, tel = S.combine("pcgrad", vecs([1, 0], [-1, 1]))
+    assert torch.allclose(g, vecs(0.5, 1.5))
+    assert tel["w_p"].item() == 2.0 and tel["w_g"].item() == 1.5
+    assert math.isclose(tel["cos"].item(), -1 / math.sqrt(2))
+    assert tel["conflict"].item() == 1.0 and tel["damping"].item() == 0.0
+
+
+def test_genrep_constant_hand_computed():
+    # λ = ½: w_p = 1 − ½·(−1)/1 = 1.5, w_g = 1 − ½·(−1)/2 = 1.25 → 1.5·[1,0] + 1.25·[−1,1]
+    g, tel = S.combine("genrep", vecs([1, 0], [-1, 1]), damping=0.5)
+    assert torch.allclose(g, vecs(0.25, 1.25))
+    assert tel["damping"].item() == 0.5
+
+
+def test_cos_rule_hand_computed():
+    # cos = −1/√2, λ = 0.8·(1 − 1/√2) ≈ 0.2343
+    lam = 0.8 * (1 - 1 / math.sqrt(2))
+    g, tel = S.combine("genrep", vecs([1, 0], [-1, 1]), damping=0.8, rule="cos")
+    assert math.isclose(tel["damping"].item(), lam, rel_tol=1e-12)
+    w_p, w_g = 1 + (1 - lam), 1 + (1 - lam) / 2
+    assert torch.allclose(g, w_p * vecs(1, 0) + w_g * vecs(-1, 1))
+
+
+def test_cos_rule_is_clipped_and_reaches_pcgrad_at_opposite_gradients():
+    grads = vecs([1, 0], [-2, 0])  # cos = −1 → λ = λ₀·0 = 0, i.e. PCGrad
+    assert torch.equal(S.combine("genrep", grads, rule="cos", damping=1.0)[0],
+                       S.combine("pcgrad", grads)[0])
+    gram = torch.tensor([[[1.0, -0.1], [-0.1, 1.0]]], dtype=F64)
+    _, tel = S.weights("genrep", gram, rule="cos", damping=1.0)
+    assert tel["damping"].item() == pytest.approx(0.9)
+
+
+# --- PCGrad properties -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pcgrad_matches_direct_implementation(seed):
+    g = rand_grads(seed=seed, conflict=seed % 2 == 0)
+    assert torch.allclose(S.combine("pcgrad", g)[0], pcgrad_reference(*g), atol=1e-12)
+
+
+def test_pcgrad_projections_orthogonal_to_other_gradient():
+    g_p, g_g = g = rand_grads(seed=3)
+    w, _ = S.weights("pcgrad", S.gram_matrix(g))
+    # combined = g_p' + g_g' with g_p' = g_p + (w_g − 1)·g_g and g_g' = g_g + (w_p − 1)·g_p
+    g_p_proj = g_p + (w[0, 1] - 1) * g_g
+    g_g_proj = g_g + (w[0, 0] - 1) * g_p
+    assert abs(g_p_proj @ g_g) < 1e-10 and abs(g_g_proj @ g_p) < 1e-10
+
+
+# --- equivalences ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,opts", [("sum", {}), ("pcgrad", {}), ("genrep", {}),
+                                       ("genrep", {"rule": "cos"}), ("genrep", {"rule": "gradvac"}),
+                                       ("genrep", {"one_sided": True})])
+@pytest.mark.parametrize("grads", [vecs([1, 0], [0, 3]), vecs([1, 2], [2, 4]), vecs([1, 1], [3, 0])])
+def test_orthogonal_or_aligned_gradients_untouched(name, opts, grads):
+    g, tel = S.combine(name, grads, **opts)
+    assert torch.equal(g, grads[0] + grads[1])
+    assert tel["conflict"].item() == 0.0 and tel["damping"].item() == 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_damping_one_is_sum_and_zero_is_pcgrad(seed):
+    g = rand_grads(seed=seed)
+    assert torch.equal(S.combine("genrep", g, damping=1.0)[0], S.combine("sum", g)[0])
+    assert torch.equal(S.combine("genrep", g, damping=0.0)[0], S.combine("pcgrad", g)[0])
+    assert torch.allclose(S.combine("genrep", g, damping=0.0)[0], pcgrad_reference(*g), atol=1e-12)
+
+
+def test_symmetric_decomposition_matches_formula():
+    g_p, g_g = g = rand_grads(seed=7)
+    lam, d = 0.3, g_p @ g_g
+    par_p, par_g = d / (g_g @ g_g) * g_g, d / (g_p @ g_p) * g_p
+    expected = (g_p - par_p + lam * par_p) + (g_g - par_g + lam * par_g)
+    assert torch.allclose(S.combine("genrep", g, damping=lam)[0], expected, atol=1e-12)
+
+
+def test_one_sided_keeps_generation_gradient_whole():
+    g_p, g_g = g = rand_grads(seed=4)
+    lam = 0.25
+    g_p_damped = g_p - (1 - lam) * (g_p @ g_g) / (g_g @ g_g) * g_g  # g_p⊥ + λ·g_p∥
+    out, tel = S.combine("genrep", g, damping=lam, one_sided=True)
+    assert torch.allclose(out - g_g, g_p_damped, atol=1e-12)
+    assert tel["w_p"].item() == 1.0
+    out0, _ = S.combine("genrep", g, damping=0.0, one_sided=True)  # λ = 0: g_p' ⟂ g_g
+    assert abs((out0 - g_g) @ g_g) < 1e-10
+
+
+@pytest.mark.parametrize("name,opts", [("sum", {}), ("pcgrad", {}), ("genrep", {"rule": "cos"})])
+def test_per_tensor_equals_whole_vector_on_each_slice(name, opts):
+    numels = [5, 1, 12, 7]
+    g = rand_grads(D=sum(numels), seed=1)
+    g[:, 5:6] = 0.0  # one tensor with zero gradient in both tasks
+    seg = S.segment_ids([(5,), 1, (3, 4), torch.Size([7])])
+    out, tel = S.combine(name, g, seg, **opts)
+    assert tel["cos"].shape == (4,)
+    for part, sl in zip(torch.split(g, numels, 1), torch.split(torch.arange(g.shape[1]), numels)):
+        assert torch.allclose(out[sl], S.combine(name, part, **opts)[0], atol=1e-12)
+
+
+def test_weights_route_equals_combine_route():
+    g = rand_grads(D=30, seed=2)
+    seg = S.segment_ids([10, 20])
+    out, _ = S.combine("genrep", g, seg, damping=0.4, rule="cos")
+    w, _ = S.weights("genrep", S.gram_matrix(g, seg), damping=0.4, rule="cos")
+    w_i = w[seg]
+    assert torch.allclose(out, w_i[:, 0] * g[0] + w_i[:, 1] * g[1], atol=1e-14)
+
+
+# --- Gram matrix: the distributed property --------------------------------------------------
+
+def test_gram_matrix_values():
+    g = vecs([1, 2, 3], [4, 5, 6])
+    assert torch.equal(S.gram_matrix(g), vecs([14, 32], [32, 77])[None])
+    assert torch.equal(S.gram_matrix(g, torch.tensor([0, 1, 1])),
+                       torch.stack([vecs([1, 4], [4, 16]), vecs([13, 28], [28, 61])]))
+
+
+def test_partial_grams_over_disjoint_partitions_sum_to_full():
+    g = rand_grads(D=40, seed=5)
+    seg = S.segment_ids([15, 10, 15])
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    shards = perm.tensor_split(3)  # disjoint, not aligned with tensors; a shard may miss a segment
+    partial = sum(S.gram_matrix(g[:, i], seg[i], num_segments=3) for i in shards)
+    assert torch.allclose(partial, S.gram_matrix(g, seg), atol=1e-12)
+    whole = sum(S.gram_matrix(g[:, i]) for i in shards)
+    assert torch.allclose(whole, S.gram_matrix(g), atol=1e-12)
+    # and the combined shards equal the full combination
+    w, _ = S.weights("pcgrad", partial)
+    out = torch.empty(40, dtype=F64)
+    for i in shards:
+        out[i] = S.apply_weights(g[:, i], w, seg[i])
+    assert torch.allclose(out, S.combine("pcgrad", g, seg)[0], atol=1e-12)
+
+
+# --- gradvac state -------------------------------------------------------------------------
+
+def test_gradvac_state_updates_as_documented():
+    g = vecs([1, 0], [-1, 1])
+    cos, beta, lam0 = -1 / math.sqrt(2), 0.1, 0.6
+    assert torch.equal(S.get("genrep").init_state(3, rule="gradvac"), torch.zeros(3, dtype=F64))
+    assert S.get("genrep").init_state(3) is None and S.get("pcgrad").init_state(3) is None
+    _, tel = S.combine("genrep", g, state=None, rule="gradvac", damping=lam0, ema_beta=beta)
+    phi = beta * cos  # φ̂ ← (1−β)·0 + β·cos
+    assert tel["state"].item() == pytest.approx(phi)
+    assert tel["damping"].item() == pytest.approx(lam0 * (1 + cos))  # φ̂ = 0 → the "cos" rule
+    _, tel2 = S.combine("genrep", g, state=tel["state"], rule="gradvac", damping=lam0, ema_beta=beta)
+    assert tel2["damping"].item() == pytest.approx(lam0 * (1 + cos) / (1 + phi))
+    assert tel2["state"].item() == pytest.approx((1 - beta) * phi + beta * cos)
+
+
+def test_gradvac_damps_less_when_target_is_lower_than_cos():
+    g = vecs([1, 0], [-1, 1])  # cos ≈ −0.707
+    lams = [S.combine("genrep", g, state=torch.tensor([phi], dtype=F64), rule="gradvac")[1]["damping"]
+            for phi in (0.0, -0.5, -0.9)]
+    assert lams[0] < lams[1] < lams[2] <= 1.0
+
+
+def test_gradvac_state_per_segment():
+    g = torch.cat([vecs([1, 0], [-1, 1]), vecs([1, 0], [1, 1])], 1)
+    seg = S.segment_ids([2, 2])
+    _, tel = S.combine("genrep", g, seg, state=torch.zeros(2, dtype=F64), rule="gradvac", ema_beta=0.5)
+    assert torch.allclose(tel["state"], 0.5 * tel["cos"])
+    assert tel["conflict"].tolist() == [1.0, 0.0]
+
+
+# --- registry and options ------------------------------------------------------------------
+
+def test_registry_duplicate_and_unknown():
+    reg = Registry("strategy")
+    reg.register("sum")(S.get("sum"))
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("sum")(S.get("sum"))
+    with pytest.raises(KeyError, match=r"known: \['sum'\]"):
+        reg.get("nope")
+    with pytest.raises(ValueError):
+        S.STRATEGIES.register("pcgrad")(S.get("pcgrad"))
+    with pytest.raises(KeyError, match="'genrep', 'pcgrad', 'sum'"):
+        S.combine("separate", rand_grads())
+    assert S.available() == ["genrep", "pcgrad", "sum"]
+
+
+def test_unknown_and_bad_options():
+    with pytest.raises(TypeError, match="lamda"):
+        S.combine("genrep", rand_grads(), lamda=0.5)
+    with pytest.raises(TypeError, match="damping"):
+        S.combine("pcgrad", rand_grads(), damping=0.5)
+    with pytest.raises(ValueError, match="damping"):
+        S.combine("genrep", rand_grads(), damping=1.5)
+    with pytest.raises(ValueError, match="rule"):
+        S.combine("genrep", rand_grads(), rule="bogus")
+    with pytest.raises(ValueError, match="ema_beta"):
+        S.combine("genrep", rand_grads(), ema_beta=0.0)
+
+
+# --- degenerate inputs -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["sum", "pcgrad", "genrep"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_zero_gradient_gives_no_nan(name, dtype):
+    for grads in (torch.zeros(2, 4, dtype=dtype), torch.tensor([[0, 0, 0, 0], [1, -2, 3, 0]], dtype=dtype)):
+        out, tel = S.combine(name, grads, rule="gradvac") if name == "genrep" else S.combine(name, grads)
+        assert torch.equal(out, grads[0] + grads[1])
+        assert all(torch.isfinite(v).all() for v in tel.values())
+        assert tel["cos"].item() == 0.0 and tel["conflict"].item() == 0.0
+        assert tel["w_p"].item() == 1.0 and tel["w_g"].item() == 1.0
+
+
+def test_bad_grads_shape():
+    with pytest.raises(ValueError, match=r"\[2, D\]"):
+        S.gram_matrix(torch.zeros(3, 4))
