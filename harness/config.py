@@ -89,8 +89,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batches: int = 4  # held-out batches scored at the end of a trial
-    split: str = "val"
+    split: str = "val"  # held-out split scored at the end of a trial
+    mc_k: int = 8  # draws of the zero-shot diffusion classifier
+    mc_images: int = 64  # held-out images it scores (B·K·C network evaluations)
+    samples_per_class: int = 10  # class-conditional DDIM samples for fd_ref and sample_acc
+    ddim_steps: int = 20
+    guidance_scale: float = 1.0  # classifier-free guidance through the null class
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,9 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
                   "grad_clip": (lambda v: v >= 0, "must be >= 0"),
                   "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
                   "checkpoint_every": (lambda v: v >= 0, "must be >= 0")},
-    EvalConfig: {**_positive("batches"), "split": (lambda v: v in ("val", "test"), "val or test")},
+    EvalConfig: {**_positive("mc_k", "mc_images", "samples_per_class", "ddim_steps"),
+                 "guidance_scale": (lambda v: v >= 0, "must be >= 0"),
+                 "split": (lambda v: v in ("val", "test"), "val or test")},
     DeepSpeedConfig: {"zero_stage": (lambda v: v in (0, 1, 2, 3), "must be 0, 1, 2 or 3")},
     ResourcesConfig: {**_positive("workers", "cpus_per_worker", "max_concurrent"),
                       "gpus_per_worker": (lambda v: v >= 0, "must be >= 0"),

@@ -118,9 +118,12 @@ def pack(source: str, out_dir: str | os.PathLike, shard_size: int = 500, image_s
     return path
 
 
+PACK_SIGNATURE = inspect.signature(pack)
+
+
 def cache_key(source: str, **params) -> str:
     """Directory name for `pack(source, **params)`, defaults filled in: "<name>-<size>px-<hash>"."""
-    bound = inspect.signature(pack).bind(source, None, **params)
+    bound = PACK_SIGNATURE.bind(source, None, **params)
     bound.apply_defaults()
     args = {k: v for k, v in bound.arguments.items() if k != "out_dir"}
     args["split"] = list(args["split"])

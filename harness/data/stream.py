@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .errors import DataError, SkipRecord
 from .manifest import Manifest, load_manifest
@@ -63,13 +63,54 @@ def batches_per_epoch(count: int, batch_size: int, world_size: int = 1) -> int:
 
 # --- pipeline stages: generators over samples, markers (SkipRecord) pass straight through ------
 
+class _EndChecked:
+    """A read-only stream wrapper that remembers the last 1 KiB read. tarfile's streaming reader
+    ends quietly on a truncated archive, so completeness is checked here: a whole tar is a
+    multiple of 512 bytes and ends with its end-of-archive marker (two zero blocks) or padding."""
+
+    def __init__(self, raw):
+        self.raw, self.size, self.tail = raw, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.size += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def complete(self) -> bool:
+        while self.read(1 << 16):  # drain what tarfile left after the end marker
+            pass
+        return self.size % 512 == 0 and len(self.tail) == 1024 and not self.tail.strip(b"\0")
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def shard_samples(url: str) -> Iterator[dict]:
+    """Samples of one shard. The last is held back until the end-of-archive check passes: in a
+    truncated tar it is the one cut short."""
+    stream = _EndChecked(wds.gopen(url, "rb"))
+    try:
+        held = None
+        for sample in group_by_keys(tar_file_expander([dict(url=url, stream=stream)])):
+            if held is not None:
+                yield held
+            held = sample
+        if not stream.complete():
+            raise EOFError(f"truncated after {stream.size} bytes (no end-of-archive marker)")
+        if held is not None:
+            yield held
+    finally:
+        stream.close()
+
+
 def read_shards(shards: Iterable[dict], policy: str) -> Iterator[dict | SkipRecord]:
-    """Open each shard URL and group its files into samples; an unreadable shard → DataError."""
+    """Samples of each shard URL in turn; an unreadable or truncated shard → DataError naming it."""
     for shard in shards:
         url = shard["url"]
         try:
-            yield from group_by_keys(tar_file_expander(url_opener([dict(url=url)])))
-        except Exception as e:  # tarfile.ReadError, OSError, a failing pipe: ...
+            yield from shard_samples(url)
+        except Exception as e:  # tarfile.ReadError, EOFError, OSError, a failing pipe: ...
             err = f"unreadable shard ({type(e).__name__}: {e.args[0] if e.args else e})"
             if policy == "raise":
                 raise DataError(f"shard {url}: {err}") from e
@@ -89,22 +130,27 @@ def split_samples(samples: Iterable, index: int, count: int) -> Iterator:
 
 def decode_sample(sample: dict, channels: int | None) -> tuple[np.ndarray, int]:
     """(image uint8 [C, H, W], label) from a raw sample; problems raise DataError with shard+key."""
-    where = f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r}"
     for ext in ("cls", "png"):
         if ext not in sample:
-            raise DataError(f"{where}: no .{ext} entry (has {sorted(k for k in sample if k[0] != '_')})")
+            raise _bad(sample, f"no .{ext} entry (has {sorted(k for k in sample if k[0] != '_')})")
     try:
         label = int(sample["cls"].decode("ascii").strip())
     except (UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{where}: .cls is not an integer ({sample['cls'][:20]!r})") from e
+        raise _bad(sample, f".cls is not an integer ({sample['cls'][:20]!r})") from e
     try:
         with Image.open(io.BytesIO(sample["png"])) as im:
             im.load()
             mode = {1: "L", 3: "RGB"}.get(channels or (1 if im.mode in ("L", "1", "I;16") else 3))
             array = np.asarray(im.convert(mode))
     except Exception as e:
-        raise DataError(f"{where}: .png is not a decodable image ({e})") from e
+        raise _bad(sample, f".png is not a decodable image ({e})") from e
     return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), label
+
+
+def _bad(sample: dict, reason: str) -> DataError:
+    err = DataError(f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r}: {reason}")
+    err.reason = reason
+    return err
 
 
 def decode_all(samples: Iterable, channels: int | None, policy: str) -> Iterator:
@@ -117,7 +163,7 @@ def decode_all(samples: Iterable, channels: int | None, policy: str) -> Iterator
         except DataError as e:
             if policy == "raise":
                 raise
-            yield SkipRecord(s.get("__url__"), s.get("__key__"), str(e).split(": ", 2)[-1])
+            yield SkipRecord(s.get("__url__"), s.get("__key__"), e.reason)
 
 
 def collate(items: Iterable, batch_size: int, drop_last: bool) -> Iterator:
@@ -166,7 +212,7 @@ class _ReaderStream(IterableDataset):
         stages: list = []
         if c["resampled"]:  # with replacement, forever; each reader its own seeded draw
             rng = random.Random(_reader_seed(c["seed"], c["epoch"], reader))
-            stages += [_resample(self.urls, rng), lambda s: read_shards(s, c["policy"])]
+            stages += [lambda: _resample(self.urls, rng), lambda s: read_shards(s, c["policy"])]
         else:  # same shard order on every reader, then every n-th sample
             urls = list(self.urls)
             if c["shuffle_shards"]:
@@ -244,6 +290,8 @@ def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_siz
                 drop_last: bool = True, shuffle_shards: bool = True) -> ShardLoader:
     """A ShardLoader over `urls` (a list, or one brace pattern) for reader `rank` of `world_size`."""
     urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
+    if image_channels not in (None, 1, 3):
+        raise ValueError(f"image_channels must be None, 1 or 3, got {image_channels!r}")
     if on_bad_sample not in POLICIES:
         raise ValueError(f"on_bad_sample must be one of {POLICIES}, got {on_bad_sample!r}")
     if not urls or not 0 <= rank < world_size or batch_size < 1 or num_workers < 0:

@@ -1,0 +1,135 @@
+"""``genrep-bench``: sweep, train, validate, data pack, report."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+
+def _quiet(verbose: bool) -> None:
+    """Ray's and DeepSpeed's chatter at warning level unless --verbose."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("harness").setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        os.environ["GENREP_VERBOSE"] = "1"
+    else:
+        for name in ("ray", "DeepSpeed", "deepspeed", "torch.distributed"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def cmd_sweep(args) -> int:
+    from harness import results
+    from harness.sweep import run_sweep
+
+    df = run_sweep(args.sweep_file, resume=args.resume, overwrite=args.overwrite,
+                   address=args.address, verbose=args.verbose)
+    print_summary(results.summary(df))
+    failed = df.loc[df["status"] == "failed", "trial"].unique()
+    for name in failed:
+        print(f"FAILED trial {name}: {df.loc[df['trial'] == name, 'error'].iloc[0]}", file=sys.stderr)
+    return 1 if len(failed) else 0
+
+
+def cmd_train(args) -> int:
+    from harness import results
+    from harness.sweep import run_single
+
+    df = run_single(args.sweep_file, args.strategy, args.seed, address=args.address,
+                    verbose=args.verbose)
+    print_summary(results.summary(df))
+    return 0 if (df["status"] == "ok").all() else 1
+
+
+def cmd_validate(args) -> int:
+    from harness.config import load
+
+    cfg = load(args.sweep_file)
+    print(f"{args.sweep_file}: ok ({len(cfg.trials())} trials: strategies {list(cfg.strategies)} "
+          f"x seeds {list(cfg.seeds)})")
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from harness.data import pack
+
+    split = tuple(float(v) for v in args.split.split("/"))
+    path = pack(args.source, args.out, shard_size=args.shard_size, image_size=args.image_size,
+                split=split, seed=args.seed, **({"count": args.count} if args.count else {}))
+    print(path)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness import results
+
+    print_summary(results.summary(results.read_results(args.results)))
+    return 0
+
+
+def print_summary(table) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20,
+                           "display.float_format", "{:.4g}".format):
+        print(table.to_string() if len(table) else "(no results)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genrep-bench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_sweep(name: str, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help)
+        s.add_argument("sweep_file", help="a sweep YAML file (see sweeps/)")
+        s.add_argument("--verbose", action="store_true", help="Ray's and DeepSpeed's logs at INFO")
+        s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+        return s
+
+    s = with_sweep("sweep", "run every trial of a sweep with Ray Tune and print the results")
+    s.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
+    s.add_argument("--overwrite", action="store_true", help="delete an earlier run of this sweep")
+    s.set_defaults(fn=cmd_sweep)
+    s = with_sweep("train", "run one trial through Ray Train without Tune (debugging)")
+    s.add_argument("--strategy", required=True, help="sum | pcgrad | genrep | separate")
+    s.add_argument("--seed", type=int, help="default: the sweep's first seed")
+    s.set_defaults(fn=cmd_train)
+    s = sub.add_parser("validate", help="check a sweep file without running it")
+    s.add_argument("sweep_file")
+    s.set_defaults(fn=cmd_validate, verbose=False)
+    d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    s = d.add_parser("pack", help="pack a source into webdataset shards with a manifest")
+    s.add_argument("--source", required=True, help="digits | shapes | folder:PATH | npz:PATH")
+    s.add_argument("--out", required=True)
+    s.add_argument("--shard-size", type=int, default=500)
+    s.add_argument("--image-size", type=int, default=16)
+    s.add_argument("--split", default="0.8/0.1/0.1", help="train/val/test fractions")
+    s.add_argument("--count", type=int, help="number of images (shapes)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_pack, verbose=False)
+    s = sub.add_parser("report", help="summarise a sweep's results")
+    s.add_argument("results", help="results/<sweep> directory or its results.parquet")
+    s.set_defaults(fn=cmd_report, verbose=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _quiet(args.verbose)
+    from harness.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

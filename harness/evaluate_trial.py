@@ -1,0 +1,56 @@
+"""End-of-trial evaluation inside the Ray Train worker: the same yardstick for every strategy.
+
+Rank 0 loads the held-out split (small) and scores the networks with :func:`harness.evaluate.evaluate`;
+the reference classifier is trained once per dataset and cached beside the shards. The other ranks
+wait at a barrier: only rank 0's report reaches Ray Tune.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from harness.config import TrialConfig
+from harness.data import make_loader
+
+
+def load_split(urls, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image and label of a split, in shard order (no shuffling)."""
+    loader = make_loader(urls, 256, shuffle_buffer=0, drop_last=False, shuffle_shards=False,
+                         image_channels=channels)
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, device) -> dict[str, float]:
+    from harness.evaluate import evaluate, reference_classifier
+
+    out: dict[str, float] = {}
+    if shard.rank == 0:
+        e = cfg.eval
+        val_x, val_y = load_split(urls[e.split])
+        train_x, train_y = load_split(urls["train"])
+        ref, info = reference_classifier(Path(urls["cache"]) / "reference", urls["key"],
+                                         train_x, train_y, val_x, val_y, seed=0)
+        nets = step_fn.networks()
+        perc = nets.get("joint", nets.get("perception")).model
+        gen = nets.get("joint", nets.get("generation")).model
+        grid = Path(urls["trial_dir"]) / "samples.png" if urls.get("trial_dir") else None
+        out = evaluate(perc, gen, val_x.to(device), val_y.to(device), ref, mc_k=e.mc_k,
+                       mc_images=e.mc_images, sample_per_class=e.samples_per_class,
+                       ddim_steps=e.ddim_steps, guidance_scale=e.guidance_scale, seed=0,
+                       alphas_cumprod=step_fn.alphas_cumprod, grid_path=grid)
+        out["ref_val_acc"] = float(info["ref_val_acc"])
+        out.update(cost_counts(step_fn))
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def cost_counts(step_fn) -> dict[str, float]:
+    """Parameter counts of every network trained in the trial (two for `separate`)."""
+    nets = step_fn.networks()
+    total = sum(sum(p.numel() for p in n.model.parameters()) for n in nets.values())
+    return {"params_total": float(total), "num_networks": float(len(nets))}

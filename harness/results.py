@@ -1,0 +1,158 @@
+"""Results as one long-format table: one row per trial × logged step × metric.
+
+Schema (fixed): trial, strategy, seed, step, split, metric, value, stderr, higher_is_better,
+status, error, config_hash, git_sha, versions, config (JSON), and ``cfg.*`` columns for the main
+config fields. Files are written atomically (temp file, fsync, rename); a reader rejects a
+truncated or foreign file with an error naming it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+# direction of each metric: True = higher is better, False = lower is better
+DIRECTIONS: dict[str, bool] = {
+    "acc": True, "head_acc": True, "mc_acc": True, "sample_acc": True, "ref_val_acc": True,
+    "kd_agree": True, "images_per_s": True,
+    "head_ece": False, "fd_ref": False, "heldout_loss": False, "loss_perc": False,
+    "loss_gen": False, "loss_ce": False, "loss_kd": False, "step_time": False, "rss_mb": False,
+    "mc_evals": False, "mc_stderr": False, "eval_seconds": False, "eval_network_evals": False,
+    "skipped_samples": False, "mc_evals_per_image": False,
+}
+KEYS = ("trial", "strategy", "seed", "step", "split")
+COLUMNS = (*KEYS, "metric", "value", "stderr", "higher_is_better", "status", "error",
+           "config_hash", "git_sha", "versions", "config")
+NOT_METRICS = {"step", "split", "done", "timestamp", "training_iteration", "time_this_iter_s",
+               "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+               "iterations_since_restore", "checkpoint_dir_name", "checkpoint_path", "date",
+               "trial_id", "experiment_id", "experiment_tag", "should_checkpoint"}
+CONFIG_COLUMNS = ("strategy.granularity", "train.steps", "train.batch_size", "train.lr",
+                  "method.beta_kd", "method.mc.k", "deepspeed.zero_stage", "resources.workers",
+                  "data.source", "model.preset")
+
+
+class ResultsError(ValueError):
+    """An unreadable results file; the message names it."""
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "deepspeed", "diffusers", "ray", "webdataset", "optuna", "genrep-bench"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return json.dumps(out, sort_keys=True)
+
+
+def lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return None if tree == {} else tree
+
+
+def long_rows(history: Iterable[dict[str, Any]], trial: dict[str, Any]) -> list[dict[str, Any]]:
+    """Melt reported rows (one dict per report) into long rows carrying the trial's fields."""
+    rows = []
+    for rep in history:
+        for metric, value in rep.items():
+            if metric in NOT_METRICS or isinstance(value, (str, bool)) or value is None:
+                continue
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(rep.get("step"), float) and math.isnan(rep["step"]):
+                continue
+            rows.append({**trial, "step": int(rep["step"]), "split": str(rep.get("split", "train")),
+                         "metric": metric, "value": value, "stderr": float("nan"),
+                         "higher_is_better": DIRECTIONS.get(metric)})
+    return rows
+
+
+def trial_fields(cfg: dict[str, Any], name: str, config_hash: str, status: str, error: str,
+                 sha: str, vers: str) -> dict[str, Any]:
+    base = {"trial": name, "strategy": cfg["strategy"]["name"], "seed": int(cfg["seed"]),
+            "status": status, "error": error, "config_hash": config_hash, "git_sha": sha,
+            "versions": vers, "config": json.dumps(cfg, sort_keys=True, default=str)}
+    return base | {f"cfg.{c}": lookup(cfg, c) for c in CONFIG_COLUMNS}
+
+
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame(columns=list(COLUMNS))
+    df["higher_is_better"] = df["higher_is_better"].astype("boolean")
+    for c in CONFIG_COLUMNS:
+        if f"cfg.{c}" in df:
+            df[f"cfg.{c}"] = df[f"cfg.{c}"].astype(str)
+    return df
+
+
+def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write to a temp file in the same directory, fsync it, rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            df.to_parquet(f, index=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_results(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a results table; a truncated or foreign file is a ResultsError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.parquet"
+    try:
+        df = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: no results file (has the sweep run?)") from None
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise ResultsError(f"{path}: unreadable results file ({type(e).__name__}: {e})") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ResultsError(f"{path}: not a genrep-bench results table; missing columns {missing}")
+    return df
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Final held-out metrics and mean training cost per strategy (mean over seeds)."""
+    if df.empty:
+        return pd.DataFrame()
+    ok = df[df["status"] == "ok"]
+    held = ok[ok["split"] != "train"]
+    wanted = ["head_acc", "mc_acc", "head_ece", "heldout_loss", "fd_ref", "sample_acc"]
+    final = held[held["metric"].isin(wanted)].pivot_table(index="strategy", columns="metric",
+                                                           values="value", aggfunc="mean")
+    train = ok[ok["split"] == "train"]
+    cost = train[train["metric"].isin(["step_time", "conflict", "cos"])].pivot_table(
+        index="strategy", columns="metric", values="value", aggfunc="mean")
+    seeds = df.groupby("strategy")["seed"].nunique().rename("seeds")
+    status = df.groupby("strategy")["status"].agg(lambda s: ",".join(sorted(set(s)))).rename("status")
+    out = pd.concat([seeds, status, final, cost], axis=1)
+    return out[[c for c in ["seeds", "status", *wanted, "step_time", "cos", "conflict"] if c in out]]

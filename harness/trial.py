@@ -1,0 +1,134 @@
+"""One trial: a Ray Tune function trainable that builds and fits a Ray Train ``TorchTrainer``.
+
+This is the Ray Train V2 pattern (GROUND.md): ``Tuner(TorchTrainer(...))`` is deprecated there;
+instead the Tune function builds the trainer and ``TuneReportCallback`` forwards the workers'
+``ray.train.report`` rows to Tune. The same function also runs a single trial without Tune
+(``genrep-bench train``), where no callback is attached.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.config import SweepConfig, TrialConfig, from_dict
+from harness.data import ensure_packed, load_manifest, shard_urls
+from harness.worker import train_loop
+
+log = logging.getLogger("harness")
+
+
+def data_root(sweep: SweepConfig) -> Path:
+    """Where packed shards are cached: ``data.root`` or ``<output_dir>/../_data``."""
+    root = sweep.data.root or str(Path(sweep.output_dir).parent / "_data")
+    return Path(root).expanduser().resolve()
+
+
+def prepare_data(sweep: SweepConfig) -> dict[str, Any]:
+    """Pack the dataset on first use (driver side) and return the shard URLs per split."""
+    d = sweep.data
+    if d.urls:
+        return {s: d.urls.format(split=s) for s in ("train", "val", "test")} | {
+            "cache": str(data_root(sweep)), "key": d.urls}
+    params = dict(shard_size=d.shard_size, image_size=d.image_size, split=d.split, seed=0)
+    if d.count is not None:
+        params["count"] = d.count
+    manifest_path = ensure_packed(d.source, data_root(sweep), **params)
+    manifest = load_manifest(manifest_path)
+    key = manifest_path.parent.name
+    return {s: shard_urls(manifest, s) for s in ("train", "val", "test")} | {
+        "cache": str(data_root(sweep)), "key": key}
+
+
+def scaling_config(cfg: TrialConfig):
+    from ray.train import ScalingConfig
+
+    r = cfg.resources
+    per_worker = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
+    return ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
+                         resources_per_worker=per_worker, placement_strategy=r.placement)
+
+
+def torch_config(cfg: TrialConfig):
+    from ray.train.torch import TorchConfig
+
+    backend = cfg.deepspeed.backend
+    if backend == "auto":
+        backend = "nccl" if cfg.resources.gpus_per_worker else "gloo"
+    return TorchConfig(backend=backend)
+
+
+def worker_env() -> dict[str, str]:
+    """Environment the Train workers need: quiet DeepSpeed, its JIT cache, the venv's ninja."""
+    import sys
+
+    from harness.engine import prepare_environment
+
+    prepare_environment()
+    keys = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "GENREP_VERBOSE", "GENREP_CACHE")
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    env["PYTHONWARNINGS"] = "ignore::DeprecationWarning,ignore::FutureWarning"
+    return env
+
+
+def fit(cfg: TrialConfig, urls: dict[str, Any], storage: str, name: str, in_tune: bool):
+    """Build and fit the TorchTrainer of one trial; returns Ray Train's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    callbacks = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"trial": cfg.to_dict(), "urls": urls},
+        scaling_config=scaling_config(cfg), torch_config=torch_config(cfg),
+        run_config=RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": worker_env()}))
+    return trainer.fit()
+
+
+def trial_name(cfg: TrialConfig) -> str:
+    return f"{cfg.strategy.name}-seed{cfg.seed}-{cfg.hash()}"
+
+
+def run_trial(params: dict[str, Any], sweep: dict[str, Any], urls: dict[str, Any], storage: str) -> None:
+    """The Tune function trainable: one strategy × seed of the sweep (plus searched values)."""
+    import ray.tune
+
+    cfg = resolve(from_dict(sweep["raw"], sweep["file"]), params)
+    trial_dir = Path(ray.tune.get_context().get_trial_dir())
+    start = time.perf_counter()
+    log.warning("trial start: strategy=%s seed=%d", cfg.strategy.name, cfg.seed)
+    fit(cfg, {**urls, "trial_dir": str(trial_dir)}, storage, f"train-{trial_name(cfg)}", in_tune=True)
+    log.warning("trial end: strategy=%s seed=%d wall=%.1fs", cfg.strategy.name, cfg.seed,
+                time.perf_counter() - start)
+
+
+def resolve(sweep: SweepConfig, params: dict[str, Any]) -> TrialConfig:
+    """The trial config for Tune's ``params``: strategy, seed, and any dotted-path overrides."""
+    import dataclasses
+
+    cfg = sweep.trial(params["strategy"], int(params["seed"]))
+    for path, value in params.get("overrides", {}).items():
+        cfg = replace_path(cfg, path.split("."), value)
+    return dataclasses.replace(cfg)
+
+
+def replace_path(obj, path: list[str], value):
+    """A copy of a frozen dataclass tree with the field at ``path`` set to ``value``."""
+    import dataclasses
+
+    head, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        return {**obj, head: replace_path(obj.get(head, {}), rest, value) if rest else value}
+    current = getattr(obj, head)
+    return dataclasses.replace(obj, **{head: replace_path(current, rest, value) if rest else value})

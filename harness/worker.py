@@ -1,0 +1,146 @@
+"""The Ray Train worker: data shards → DeepSpeed engine(s) → per-step metrics and checkpoints.
+
+``train_loop`` runs in every Ray Train worker process (one data-parallel rank). It reads top to
+bottom: build the step (models, engines), restore a checkpoint if Ray Train hands one over, stream
+this rank's slice of the shards, train, report every ``log_every`` steps, evaluate at the end.
+Only rank 0's reports reach Ray Tune; every rank calls ``ray.train.report`` the same number of
+times, as Ray Train requires.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from harness.config import TrialConfig, trial_from_dict
+from harness.data import make_loader
+from harness.step import Shard, make_step, rss_mb
+
+log = logging.getLogger(__name__)
+
+
+def forever(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches across epochs; each new epoch reshuffles (the loader advances its own epoch)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the training split yields no full batch: fewer samples than one "
+                               "batch per worker")
+
+
+class Window:
+    """Running means of the metrics between two reports."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] += float(v)
+            self.counts[k] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: ``config = {"trial": TrialConfig dict, "urls": {...}}``."""
+    import ray.train
+
+    cfg: TrialConfig = trial_from_dict(config["trial"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker else torch.device("cpu")
+    shard = Shard(rank, world, cfg.train.batch_size // world)
+    step_fn = make_step(cfg, shard, device)
+    loader = make_loader(config["urls"]["train"], shard.local, rank=rank, world_size=world,
+                         num_workers=cfg.data.num_workers, seed=cfg.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, on_bad_sample=cfg.data.on_bad_sample)
+    start = restore(step_fn, loader)
+    batches, window = forever(loader), Window()
+    for step in range(start, cfg.train.steps):
+        x, y = next(batches)
+        t0 = time.perf_counter()
+        metrics = step_fn(x.to(device), y.to(device), step)
+        dt = time.perf_counter() - t0
+        window.add({**metrics, "step_time": dt, "images_per_s": cfg.train.batch_size / dt})
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            row = {**window.means(), "step": done, "split": "train", "rss_mb": rss_mb(),
+                   "skipped_samples": float(loader.skipped)}
+            report(row, step_fn, loader, done, due_checkpoint(cfg, done))
+            window = Window()
+    final = evaluate(step_fn, cfg, config["urls"], shard, device)
+    report({**final, "step": cfg.train.steps, "split": cfg.eval.split, "done": True},
+           step_fn, loader, cfg.train.steps, checkpoint=False)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def due_checkpoint(cfg: TrialConfig, done: int) -> bool:
+    every = cfg.train.checkpoint_every
+    return done == cfg.train.steps or (every > 0 and done % every == 0)
+
+
+def report(metrics: dict[str, Any], step_fn, loader, step: int, checkpoint: bool) -> None:
+    """``ray.train.report`` with, when due, a checkpoint of every engine and the loop's state."""
+    import ray.train
+
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="genrep-ckpt-") as tmp:
+        save_checkpoint(Path(tmp), step_fn, loader, step)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def save_checkpoint(path: Path, step_fn, loader, step: int) -> None:
+    """DeepSpeed engine checkpoints (collective: every rank writes its partition) + loop state."""
+    for name, net in step_fn.networks().items():
+        net.engine.save_checkpoint(str(path / name), tag="state")
+        if net.ema is not None and dist.get_rank() == 0:
+            torch.save(net.ema.state_dict(), path / f"{name}-ema.pt")
+    state = {"step": step, "loader": loader.state_dict(), "strategy_state": getattr(step_fn, "state", None)}
+    torch.save(state, path / f"loop-rank{dist.get_rank() if dist.is_initialized() else 0}.pt")
+
+
+def restore(step_fn, loader) -> int:
+    """Resume from Ray Train's latest checkpoint, if any; returns the first step to run."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with ckpt.as_directory() as path:
+        path = Path(path)
+        for name, net in step_fn.networks().items():
+            net.engine.load_checkpoint(str(path / name), tag="state")
+            if net.ema is not None:
+                net.ema.load_state_dict(torch.load(path / f"{name}-ema.pt"))
+        state = torch.load(path / f"loop-rank{rank}.pt", weights_only=False)
+    loader.load_state_dict(state["loader"])
+    if hasattr(step_fn, "state"):
+        step_fn.state = state["strategy_state"]
+    log.warning("rank %d resumed from step %d", rank, state["step"])
+    return int(state["step"])
+
+
+def evaluate(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard: Shard, device) -> dict[str, float]:
+    """Held-out metrics on this rank's slice of the eval split, summed over ranks."""
+    from harness.evaluate_trial import evaluate_trial
+
+    return evaluate_trial(step_fn, cfg, urls, shard, device)

@@ -1,0 +1,46 @@
+"""Shared test settings: small thread counts (2-core machine), a private cache, tiny configs."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+
+TINY_MODEL = {"image_size": 8, "block_out_channels": [8, 16], "norm_num_groups": 4,
+              "head_hidden": 16}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_sweep(tmp_path: Path, **sections) -> dict:
+    """A minimal sweep dict on 8x8 digits with a tiny UNet; sections override top-level keys."""
+    raw = {
+        "name": "tiny", "output_dir": str(tmp_path / "out"),
+        "strategies": ["sum", "genrep"], "seeds": [0],
+        "data": {"source": "digits", "image_size": 8, "shard_size": 300,
+                 "root": str(tmp_path / "data")},
+        "model": {"preset": "digits16", "overrides": dict(TINY_MODEL)},
+        "method": {"beta_kd": 1.0, "mc": {"k": 2, "every": 1}},
+        "train": {"steps": 4, "batch_size": 8, "log_every": 2},
+        "eval": {"mc_k": 2, "mc_images": 8, "samples_per_class": 1, "ddim_steps": 2},
+        "resources": {"workers": 1, "cpus_per_worker": 0.99, "max_concurrent": 2,
+                      "max_failures": 0},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    return raw
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return lambda **sections: tiny_sweep(tmp_path, **sections)

@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genrep.diffusion import make_scheduler
+from genrep.model import ModelConfig, build_model
+from genrep.reference import accuracy, predict, train_reference
+from harness.evaluate import evaluate, reference_classifier
+
+KEYS = {"head_acc", "head_ece", "mc_acc", "mc_evals_per_image", "heldout_loss", "fd_ref",
+        "sample_acc", "eval_seconds", "eval_network_evals"}
+
+
+def toy_dataset(n_per_class: int = 12, size: int = 8, seed: int = 0):
+    """3 classes of noisy constant-ish images: class c has mean −0.6 + 0.6·c, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(n_per_class)
+    noise = 0.15 * torch.randn(len(labels), 1, size, size, generator=g)
+    x = (-0.6 + 0.6 * labels.float()).view(-1, 1, 1, 1) + noise
+    return x.clamp(-1, 1), labels
+
+
+def test_reference_classifier_trained_once_then_cached(tmp_path):
+    x, y = toy_dataset()
+    vx, vy = toy_dataset(4, seed=1)
+    kw = dict(epochs=3, seed=0, batch_size=16)
+    net1, info1 = reference_classifier(tmp_path, "abc123", x, y, vx, vy, **kw)
+    net2, info2 = reference_classifier(tmp_path, "abc123", x, y, vx, vy, **kw)
+    assert info1["trained"] and not info2["trained"]
+    assert info1["ref_val_acc"] == info2["ref_val_acc"] > 0.9
+    assert torch.equal(predict(net1, vx), predict(net2, vx))
+    torch.testing.assert_close(net1.features(vx), net2.features(vx))
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".pt"]  # no temp files left
+    _, info3 = reference_classifier(tmp_path, "other-key", x, y, vx, vy, **kw)
+    assert info3["trained"]
+
+
+def test_train_reference_deterministic():
+    x, y = toy_dataset()
+    a, b = (train_reference(x, y, epochs=2, seed=3, batch_size=16) for _ in range(2))
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb)
+
+
+def digits16():
+    """sklearn digits, 8×8 → 16×16 (bilinear), in [-1, 1]; 1,437 train / 360 val by a seeded split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False) * 2 - 1
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return x[perm[:1437]], y[perm[:1437]], x[perm[1437:]], y[perm[1437:]]
+
+
+@pytest.mark.slow
+def test_reference_on_digits():
+    tx, ty, vx, vy = digits16()
+    net = train_reference(tx, ty, seed=0)
+    assert accuracy(net, vx, vy) > 0.9
+
+
+def tiny_model(seed: int):
+    cfg = ModelConfig(block_out_channels=(8, 16), norm_num_groups=4, image_size=8, channels=1,
+                      num_classes=3)
+    return build_model(cfg, seed=seed)
+
+
+@pytest.mark.parametrize("separate, guidance", [(False, 1.0), (True, 2.0)])
+def test_evaluate_tiny_model(tmp_path, separate, guidance):
+    x, y = toy_dataset()
+    vx, vy = toy_dataset(4, seed=1)
+    ref = train_reference(x, y, epochs=2, seed=0, batch_size=16)
+    gen = tiny_model(0)
+    perc = tiny_model(1) if separate else gen
+    gen.train()
+    grid = tmp_path / "samples.png"
+    out = evaluate(perc, gen, vx, vy, ref, mc_k=2, mc_images=4, sample_per_class=2, ddim_steps=3,
+                   guidance_scale=guidance, seed=0, alphas_cumprod=make_scheduler().alphas_cumprod,
+                   grid_path=grid)
+    assert KEYS <= set(out) and all(math.isfinite(v) for v in out.values())
+    assert grid.exists() and grid.stat().st_size > 0
+    assert gen.training  # the caller's mode is restored
+    assert out["mc_evals_per_image"] == 2 * 3  # K·C
+    # MC 4·2·3 + sampling 6·3·(2 with CFG) + held-out 12·4 timesteps
+    assert out["eval_network_evals"] == 24 + 6 * 3 * (2 if guidance != 1 else 1) + 12 * 4
+    assert 0 <= out["head_ece"] <= 1 and 0 <= out["sample_acc"] <= 1
