@@ -67,9 +67,15 @@ def cmd_pack(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from harness import results
+    from pathlib import Path
 
-    print_summary(results.summary(results.read_results(args.results)))
+    from harness.report import build_report, format_table, load, main_table
+
+    first = Path(args.results[0])
+    out = args.out or (first if first.is_dir() else first.parent) / "report"
+    paths = build_report(args.results, out, baseline=args.baseline)
+    print(paths["report.md"])
+    print_summary(format_table(main_table(load(args.results), baseline=args.baseline), markup="plain"))
     return 0
 
 
@@ -113,8 +119,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=int, help="number of images (shapes)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_pack, verbose=False)
-    s = sub.add_parser("report", help="summarise a sweep's results")
-    s.add_argument("results", help="results/<sweep> directory or its results.parquet")
+    s = sub.add_parser("report", help="tables, plots, report.md and report.html from results")
+    s.add_argument("results", nargs="+", help="results/<sweep> directories or results.parquet files")
+    s.add_argument("--out", help="output directory (default: <first results dir>/report)")
+    s.add_argument("--baseline", default="sum", help="strategy the paired Δ is taken against")
     s.set_defaults(fn=cmd_report, verbose=False)
     return p
 

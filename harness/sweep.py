@@ -41,7 +41,11 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     if address:
         ray.init(address=address, **quiet)
     else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+        # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train V2 needs to
+        # clean up the placement groups of finished trials; without it they leak and later
+        # trials time out waiting for CPUs.
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **quiet)
 
 
 def experiment_dir(cfg: SweepConfig) -> Path:

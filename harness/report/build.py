@@ -1,0 +1,184 @@
+"""``build_report``: results directories → report.md, report.html (self-contained), CSVs, PNGs.
+
+The report is a list of sections (headings, paragraphs, tables, figures) rendered twice: as
+Markdown with relative image links and as HTML with the images inlined as base64 data URIs.
+Every file is written atomically (temp file in the same directory, fsync, os.replace).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from harness.report.plots import all_plots
+from harness.report.search import search_table
+from harness.report.tables import (conflict_table, format_table, held_out_split, load, main_table,
+                                   strategies)
+
+FOOTNOTE = "fd_ref: Fréchet distance in the reference classifier's feature space, not FID"
+CI_NOTE = ("mean ± 95% Student-t half-width over seeds, t_{0.975,n−1}·s/√n; n = seeds "
+           "(a seed of each sweep counts once; several trials of one seed are averaged first); "
+           "↑/↓ = direction; best per column in bold.")
+DELTA_NOTE = ("paired difference against the baseline on the same seeds (strategy − {b}), "
+              "mean ± 95% t half-width of the per-seed differences.")
+IMPORTANCE_NOTE = ("importance is a correlation proxy (|Spearman ρ| or correlation ratio η with "
+                   "val head_acc), not optuna's fANOVA: the results table keeps no study.")
+MAX_TRIAL_ROWS = 50
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Temp file next to ``path``, fsync, rename over it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "—" if math.isnan(v) else f"{v:.4g}"
+    return "—" if v is None or v is pd.NA else str(v)
+
+
+def as_strings(df: pd.DataFrame, markup: str) -> pd.DataFrame:
+    """Every cell a string (floats to 4 significant figures), HTML-escaped for ``markup="html"``."""
+    esc = html.escape if markup == "html" else (lambda s: s)
+    out = df.map(lambda v: esc(cell(v)))
+    out.columns = [esc(str(c)) for c in out.columns]
+    return out
+
+
+def md_table(df: pd.DataFrame) -> str:
+    cols = [df.index.name or ""] + list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for idx, row in df.iterrows():
+        cells = [str(idx)] + [str(v).replace("|", "\\|") for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def html_table(df: pd.DataFrame) -> str:
+    return df.to_html(escape=False, border=0, classes="t")  # cells already escaped
+
+
+def header(df: pd.DataFrame) -> list[dict]:
+    """Sweeps, seeds per strategy, held-out split, git sha(s), versions, failed trials."""
+    trials = df.drop_duplicates(["sweep", "trial"])
+    done = trials[trials["status"] == "ok"]
+    seeds = ", ".join(f"{s}: n={len(done[done['strategy'] == s][['sweep', 'seed']].drop_duplicates())}"
+                      for s in strategies(trials))
+    vers = sorted({json.dumps({k: v for k, v in json.loads(x).items() if v}, sort_keys=True)
+                   for x in trials["versions"].dropna() if x})
+    out = [{"p": f"Sweeps: {', '.join(sorted(df['sweep'].unique()))}. Seeds per strategy "
+                 f"(completed (sweep, seed) runs): {seeds}. Held-out split: {held_out_split(df)}."},
+           {"p": f"git sha: {', '.join(sorted(map(str, trials['git_sha'].unique())))}. "
+                 f"Versions: {'; '.join(vers) or 'unknown'}."}]
+    failed = trials[trials["status"] != "ok"]
+    if len(failed):
+        out += [{"p": f"{len(failed)} failed trial(s), left out of every statistic:"},
+                {"table": failed.set_index("trial")[["sweep", "strategy", "seed", "error"]]
+                 .assign(error=lambda d: d["error"].astype(str).str.slice(0, 200))}]
+    return out
+
+
+def sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], search: dict[str, pd.DataFrame],
+             images: Iterable[str], baseline: str) -> list[dict]:
+    main = tables["main"]
+    out = [{"h1": f"genrep-bench report: {', '.join(sorted(df['sweep'].unique()))}"}, *header(df),
+           {"h2": "Main results"}, {"p": CI_NOTE},
+           {"table": {m: format_table(main, "mean", m) for m in ("md", "html")}},
+           {"h2": f"Δ against {baseline}"}, {"p": DELTA_NOTE.format(b=baseline)},
+           {"table": {m: format_table(main, "delta", m) for m in ("md", "html")}},
+           {"h2": "Gradient conflict"}, {"table": tables["conflict"].set_index("strategy")}]
+    if not search["trials"].empty:
+        trials = search["trials"]
+        out += [{"h2": "Search"}, {"h3": "Best configuration (mean val head_acc over seeds)"},
+                {"table": search["best"].set_index("strategy")}, {"h3": "Pareto front (head_acc ↑, fd_ref ↓, step_time ↓)"},
+                {"table": search["pareto"].set_index("trial")}, {"h3": "Parameter importance"},
+                {"p": IMPORTANCE_NOTE}, {"table": search["importance"].set_index("param")},
+                {"h3": f"Trials ({len(trials)}; first {MAX_TRIAL_ROWS} here, all in search_trials.csv)"},
+                {"table": trials.head(MAX_TRIAL_ROWS).set_index("trial")}]
+    out += [{"h2": "Figures"}, *({"img": name} for name in images), {"foot": FOOTNOTE}]
+    return out
+
+
+def render_md(secs: list[dict]) -> str:
+    parts = []
+    for s in secs:
+        kind, v = next(iter(s.items()))
+        if kind in ("h1", "h2", "h3"):
+            parts.append("#" * int(kind[1]) + " " + v)
+        elif kind == "p":
+            parts.append(v)
+        elif kind == "table":
+            t = v["md"] if isinstance(v, dict) else as_strings(v, "md")
+            parts.append(md_table(t) if len(t) else "(none)")
+        elif kind == "img":
+            parts.append(f"![{Path(v).stem}]({v})")
+        elif kind == "foot":
+            parts.append(f"---\n\n<sub>{v}</sub>")
+    return "\n\n".join(parts) + "\n"
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+         "table.t{border-collapse:collapse;margin:1em 0}table.t td,table.t th{border:1px solid #ccc;"
+         "padding:3px 8px;text-align:right}img{max-width:100%;display:block;margin:1em 0}"
+         ".foot{font-size:smaller;color:#555;border-top:1px solid #ccc;padding-top:.5em}")
+
+
+def render_html(secs: list[dict], images: dict[str, bytes]) -> str:
+    body = []
+    for s in secs:
+        kind, v = next(iter(s.items()))
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{html.escape(v)}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{html.escape(v)}</p>")
+        elif kind == "table":
+            t = v["html"] if isinstance(v, dict) else as_strings(v, "html")
+            body.append(html_table(t) if len(t) else "<p>(none)</p>")
+        elif kind == "img":
+            data = base64.b64encode(images[v]).decode("ascii")
+            body.append(f'<img alt="{html.escape(v)}" src="data:image/png;base64,{data}">')
+        elif kind == "foot":
+            body.append(f'<p class="foot">{html.escape(v)}</p>')
+    title = html.escape(secs[0].get("h1", "genrep-bench report"))
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def build_report(results_dirs: list, out_dir, baseline: str = "sum") -> dict[str, Path]:
+    """Write report.md, report.html, one CSV per table and the PNGs into ``out_dir``.
+
+    Returns file name → path (``report.md``, ``report.html``, ``main.csv``, ``conflict.csv``,
+    ``search_*.csv`` when a search was run, and each PNG the data supports).
+    """
+    out_dir = Path(out_dir)
+    df = load(results_dirs)
+    tables = {"main": main_table(df, baseline=baseline), "conflict": conflict_table(df)}
+    search = search_table(df)
+    images = all_plots(df, search)
+    paths = {name: write_atomic(out_dir / name, data) for name, data in images.items()}
+    csvs = {**tables, **{f"search_{k}": v for k, v in search.items() if not v.empty}}
+    for name, t in csvs.items():
+        paths[f"{name}.csv"] = write_atomic(out_dir / f"{name}.csv", t.to_csv(index=False))
+    secs = sections(df, tables, search, images, baseline)
+    paths["report.md"] = write_atomic(out_dir / "report.md", render_md(secs))
+    paths["report.html"] = write_atomic(out_dir / "report.html", render_html(secs, images))
+    return paths

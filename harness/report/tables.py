@@ -1,0 +1,217 @@
+"""Tables from the long-format results: means ± 95% CI over seeds, paired Δ, conflict telemetry.
+
+Every function takes the concatenated results (``load``) and returns a tidy numeric DataFrame;
+``format_table`` turns the main table into strings ("0.912 ± 0.012") for Markdown/HTML/text.
+Units of replication are seeds: a (sweep, strategy, seed) with several trials (a search) is
+averaged first, and Δ pairs a strategy with the baseline on the same (sweep, seed).
+"""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+from harness.results import DIRECTIONS, read_results
+from harness.report.stats import mean_ci, paired_delta
+
+QUALITY = ("head_acc", "mc_acc", "head_ece", "heldout_loss", "fd_ref", "sample_acc")
+# cost metrics from the per-step train rows, and how one trial's logged rows are reduced
+COST = {"step_time": "mean", "images_per_s": "mean", "mc_evals": "mean", "rss_mb": "max"}
+COST_LABEL = {"step_time": "step_time (s)", "images_per_s": "images/s",
+              "mc_evals": "MC evals/step", "rss_mb": "peak rss_mb"}
+UNIT = ["sweep", "seed"]  # what pairs two strategies' runs
+ORDER = ("sum", "pcgrad", "genrep", "separate")
+
+
+def load(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Concatenate one or several sweeps' results, with a ``sweep`` column (directory name)."""
+    frames = []
+    for p in paths:
+        p = Path(p)
+        df = read_results(p)
+        frames.append(df.assign(sweep=p.name if p.is_dir() or not p.suffix else p.parent.name))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"] if len(df) else df
+
+
+def strategies(df: pd.DataFrame, baseline: str = "sum") -> list[str]:
+    """Baseline first, then the design's order, then the rest alphabetically."""
+    names = set(df["strategy"].dropna()) if len(df) else set()
+    rank = {s: i for i, s in enumerate((baseline, *ORDER))}
+    return sorted(names, key=lambda s: (rank.get(s, len(rank)), s))
+
+
+def direction(df: pd.DataFrame, metric: str) -> bool | None:
+    """higher_is_better from the rows (first non-null), else harness.results.DIRECTIONS."""
+    col = df.loc[df["metric"] == metric, "higher_is_better"].dropna()
+    return bool(col.iloc[0]) if len(col) else DIRECTIONS.get(metric)
+
+
+def held_out_split(df: pd.DataFrame) -> str:
+    """"test" when the results hold test rows, else "val"."""
+    return "test" if (df["split"] == "test").any() else "val"
+
+
+def final_values(df: pd.DataFrame, metric: str, split: str) -> pd.Series:
+    """Per (strategy, sweep, seed): the metric at each trial's last held-out step, trials averaged."""
+    rows = ok_rows(df)
+    rows = rows[(rows["split"] == split) & (rows["metric"] == metric)]
+    last = rows[rows["step"] == rows.groupby("trial")["step"].transform("max")]
+    return last.groupby(["strategy", *UNIT])["value"].mean()
+
+
+def cost_values(df: pd.DataFrame, metric: str) -> pd.Series:
+    """Per (strategy, sweep, seed): each trial's train rows reduced by COST[metric], then averaged."""
+    rows = ok_rows(df)
+    rows = rows[(rows["split"] == "train") & (rows["metric"] == metric)]
+    per_trial = rows.groupby(["strategy", *UNIT, "trial"])["value"].agg(COST[metric])
+    return per_trial.groupby(["strategy", *UNIT]).mean()
+
+
+def summarise(values: pd.Series, order: Sequence[str], baseline: str) -> list[dict]:
+    """mean ± CI per strategy and the paired Δ against ``baseline`` on shared (sweep, seed)."""
+    out = []
+    base = values.xs(baseline, level="strategy") if baseline in values.index.get_level_values(0) else None
+    for s in order:
+        if s not in values.index.get_level_values(0):
+            continue
+        own = values.xs(s, level="strategy")
+        mean, ci, n = mean_ci(own.tolist())
+        d = (float("nan"), float("nan"), 0)
+        if base is not None and s != baseline:
+            both = pd.concat([own, base], axis=1, join="inner").dropna()
+            d = paired_delta(both.iloc[:, 0].tolist(), both.iloc[:, 1].tolist())
+        out.append({"strategy": s, "mean": mean, "ci": ci, "n": n,
+                    "delta": d[0], "delta_ci": d[1], "delta_n": d[2]})
+    return out
+
+
+def mark_best(table: pd.DataFrame) -> pd.Series:
+    """True where a strategy's mean is the best of its metric column (ties all marked)."""
+    def best(g: pd.DataFrame) -> pd.Series:
+        hib = g["higher_is_better"].iloc[0]
+        if pd.isna(hib) or g["mean"].isna().all():
+            return pd.Series(False, index=g.index)
+        target = g["mean"].max() if hib else g["mean"].min()
+        return g["mean"] == target
+    return table.groupby("metric", group_keys=False)[["higher_is_better", "mean"]].apply(best)
+
+
+def main_table(df: pd.DataFrame, metrics: Sequence[str] | None = None, baseline: str = "sum",
+               split: str | None = None) -> pd.DataFrame:
+    """Tidy table: strategy × metric → mean, ci (95% t half-width), n, delta, delta_ci, best.
+
+    Quality metrics are the final held-out values (``split``: default test if present, else
+    val); cost metrics come from the train rows (mean step_time, images/s and MC evaluations per
+    step, peak rss_mb), one value per seed each. Δ = paired mean over shared seeds of
+    (strategy − baseline), with its own t interval; NaN for the baseline itself.
+    """
+    cols = ["strategy", "metric", "kind", "higher_is_better", "mean", "ci", "n", "delta",
+            "delta_ci", "delta_n", "best"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    split = split or held_out_split(df)
+    present = set(ok_rows(df)["metric"])
+    quality = [m for m in (metrics or QUALITY) if m in present and m not in COST]
+    order = strategies(df, baseline)
+    rows = []
+    for kind, names, get in (("quality", quality, lambda m: final_values(df, m, split)),
+                             ("cost", [m for m in COST if m in present], lambda m: cost_values(df, m))):
+        for m in names:
+            for r in summarise(get(m), order, baseline):
+                rows.append({**r, "metric": m, "kind": kind, "higher_is_better": direction(df, m)})
+    table = pd.DataFrame(rows, columns=cols[:-1])
+    if table.empty:
+        return pd.DataFrame(columns=cols)
+    table["best"] = mark_best(table).reindex(table.index).fillna(False).astype(bool)
+    table = table[cols]
+    table.attrs["baseline"] = baseline
+    return table
+
+
+def decimals(ci: float, mean: float = 0.0) -> int:
+    """Decimals that show the CI to 2 significant figures, in [0, 6]; when the CI is zero (to
+    rounding: identical seeds), enough for 4 significant figures of the mean."""
+    if ci is None or math.isnan(ci) or ci <= 1e-9 * max(1.0, abs(mean)):
+        ref = abs(mean) if mean and not math.isnan(mean) else 1.0
+        return int(min(6, max(0, 3 - math.floor(math.log10(ref)))))
+    return int(min(6, max(0, 1 - math.floor(math.log10(ci)))))
+
+
+def pm(mean: float, ci: float, signed: bool = False) -> str:
+    """"0.912 ± 0.012"; the mean alone (4 significant figures) when there is no interval."""
+    if mean is None or math.isnan(mean):
+        return "—"
+    sign = "+" if signed else ""
+    if ci is None or math.isnan(ci):
+        return f"{mean:{sign}.4g}"
+    k = decimals(ci, mean)
+    return f"{mean:{sign}.{k}f} ± {abs(ci):.{k}f}"
+
+
+def arrow(hib) -> str:
+    return "" if hib is None or pd.isna(hib) else (" ↑" if hib else " ↓")
+
+
+def column_label(metric: str, hib) -> str:
+    return COST_LABEL.get(metric, metric) + arrow(hib)
+
+
+def format_table(table: pd.DataFrame, value: str = "mean", markup: str = "md") -> pd.DataFrame:
+    """Strings per strategy × metric: "mean ± ci" (``value="mean"``, best in bold) or the paired
+    "Δ ± ci" against the baseline (``value="delta"``). ``markup``: "md", "html" or "plain"."""
+    if table.empty:
+        return pd.DataFrame()
+    bold = {"md": "**{}**", "html": "<strong>{}</strong>", "plain": "{}"}[markup]
+    esc = html.escape if markup == "html" else (lambda s: s)
+    cells: dict[str, dict[str, str]] = {}
+    for r in table.itertuples():
+        if value == "delta":
+            base = r.strategy == table.attrs.get("baseline")
+            text = "(baseline)" if base else pm(r.delta, r.delta_ci, signed=True) if r.delta_n else "—"
+            n_used = 0 if base else r.delta_n
+        else:
+            text = pm(r.mean, r.ci)
+            text = bold.format(esc(text)) if r.best and markup != "plain" else esc(text)
+            n_used = r.n
+        if n_used and n_used != max_n(table, r.strategy):
+            text += f" (n={n_used})"
+        cells.setdefault(esc(r.strategy), {})[esc(column_label(r.metric, r.higher_is_better))] = text
+    out = pd.DataFrame.from_dict(cells, orient="index")
+    out.insert(0, "n", [str(max_n(table, html.unescape(s))) for s in out.index])
+    out.index.name = "strategy"
+    return out.fillna("—")
+
+
+def max_n(table: pd.DataFrame, strategy: str) -> int:
+    return int(table.loc[table["strategy"] == strategy, "n"].max())
+
+
+def conflict_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy, from the logged train rows: fraction of steps in conflict (mean of the 0/1
+    ``conflict`` telemetry; a logged row is a window mean, so this is the step-weighted
+    fraction for equal windows), mean and median cos(g_p, g_g), mean damping λ applied,
+    median ‖g_p‖/‖g_g‖, the number of logged rows, and of (sweep, seed) runs with telemetry."""
+    cols = ["strategy", "seeds", "logged", "conflict_frac", "cos_mean", "cos_median",
+            "damping_mean", "norm_ratio_median"]
+    rows = ok_rows(df)
+    rows = rows[rows["split"] == "train"] if len(rows) else rows
+    out = []
+    for s in strategies(rows):
+        r = rows[rows["strategy"] == s]
+        v = {m: r.loc[r["metric"] == m, "value"] for m in ("conflict", "cos", "damping", "norm_ratio")}
+        if all(x.empty for x in v.values()):
+            continue
+        logged = r[r["metric"].isin(list(v))]
+        out.append({"strategy": s, "seeds": logged[UNIT].drop_duplicates().shape[0],
+                    "logged": max(len(x) for x in v.values()),
+                    "conflict_frac": v["conflict"].mean(), "cos_mean": v["cos"].mean(),
+                    "cos_median": v["cos"].median(), "damping_mean": v["damping"].mean(),
+                    "norm_ratio_median": v["norm_ratio"].median()})
+    return pd.DataFrame(out, columns=cols)
