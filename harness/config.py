@@ -178,8 +178,14 @@ def _positive(*names):
     return {n: (lambda v: v is None or v > 0, "must be > 0") for n in names}
 
 
+# Where the harness writes: no '..' segment, so a sweep file cannot aim its output (results,
+# checkpoints, packed data, `--overwrite`'s rmtree) above the directory it names.
+NO_PARENT = (lambda v: v is None or ".." not in Path(v).parts, "must not contain a '..' segment")
+
+
 CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
     DataConfig: {**_positive("image_size", "count", "shard_size", "shuffle_buffer"),
+                 "root": NO_PARENT,
                  "num_workers": (lambda v: v >= 0, "must be >= 0"),
                  "split": (lambda v: abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
                            "three fractions >= 0 that sum to 1")},
@@ -200,7 +206,8 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
     ResourcesConfig: {**_positive("workers", "cpus_per_worker", "max_concurrent"),
                       "gpus_per_worker": (lambda v: v >= 0, "must be >= 0"),
                       "max_failures": (lambda v: v >= -1, "must be >= -1 (-1 = forever)")},
-    SweepConfig: {"seeds": (lambda v: len(v) > 0 and len(set(v)) == len(v), "non-empty, distinct"),
+    SweepConfig: {"output_dir": NO_PARENT,
+                  "seeds": (lambda v: len(v) > 0 and len(set(v)) == len(v), "non-empty, distinct"),
                   "strategies": (lambda v: len(v) > 0 and len(set(v)) == len(v),
                                  "non-empty, distinct"),
                   "name": (lambda v: v.replace("-", "").replace("_", "").isalnum(),

@@ -117,10 +117,19 @@ def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power cut only once this is done
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_results(path: str | os.PathLike) -> pd.DataFrame:

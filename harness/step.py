@@ -58,6 +58,24 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or ±inf: the trial stops; the message names the step and the loss."""
+
+
+def check_finite(step: int, **losses: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteLoss` before any gradient of a non-finite loss reaches the weights.
+
+    The verdict is global (one all-reduce of one flag per loss): a NaN on one rank's slice stops
+    every rank at the same step, instead of leaving the others waiting in the next collective.
+    """
+    flags = torch.stack([~torch.isfinite(v.detach()).all() for v in losses.values()]).float()
+    bad = [name for name, f in zip(losses, all_reduce_mean(flags).tolist()) if f > 0]
+    if bad:
+        here = ", ".join(f"{n} = {float(losses[n]):g}" for n in bad)
+        raise NonFiniteLoss(f"step {step}: non-finite {' and '.join(bad)} (on this rank: {here}); "
+                            "the trial stops before the update")
+
+
 def flat(grads: list[torch.Tensor | None], params: list[nn.Parameter]) -> torch.Tensor:
     """Concatenated gradients; a parameter a loss does not reach gets zeros."""
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
@@ -189,6 +207,7 @@ class JointStep(Step):
         q, mq = self.teacher_probs(self.net.teacher(), x, step)
         loss_p, mp = self.perception_loss(model, x, y, q)
         loss_g, mg = self.generation_loss(model, x, y, step)
+        check_finite(step, loss_perc=loss_p, loss_gen=loss_g)
         if self.strategy.needs_task_grads:
             tel = self.aligned_backward(loss_p, loss_g)
         else:
@@ -248,6 +267,7 @@ class SeparateStep(Step):
         q, mq = self.teacher_probs(self.gen.teacher(), x, step)
         loss_p, mp = self.perception_loss(self.perc.model, x, y, q)
         loss_g, mg = self.generation_loss(self.gen.model, x, y, step)
+        check_finite(step, loss_perc=loss_p, loss_gen=loss_g)
         self.perc.engine.backward(loss_p)
         self.perc.engine.step()
         self.gen.engine.backward(loss_g)

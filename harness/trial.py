@@ -67,7 +67,8 @@ def worker_env() -> dict[str, str]:
     from harness.engine import prepare_environment
 
     prepare_environment()
-    keys = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "GENREP_VERBOSE", "GENREP_CACHE")
+    keys = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "GENREP_VERBOSE", "GENREP_CACHE",
+            "GENREP_FAULT_KILL_AT_STEP", "GENREP_FAULT_NAN_AT_STEP")  # test-only fault hooks
     env = {k: os.environ[k] for k in keys if k in os.environ}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     env["PYTHONWARNINGS"] = "ignore::DeprecationWarning,ignore::FutureWarning"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 import time
 from collections import defaultdict
@@ -68,11 +69,13 @@ def train_loop(config: dict[str, Any]) -> None:
     step_fn = make_step(cfg, shard, device)
     loader = make_loader(config["urls"]["train"], shard.local, rank=rank, world_size=world,
                          num_workers=cfg.data.num_workers, seed=cfg.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, on_bad_sample=cfg.data.on_bad_sample)
+                         shuffle_buffer=cfg.data.shuffle_buffer, on_bad_sample=cfg.data.on_bad_sample,
+                         image_size=cfg.data.image_size)
     start = restore(step_fn, loader)
     batches, window = forever(loader), Window()
     for step in range(start, cfg.train.steps):
         x, y = next(batches)
+        x = inject_faults(cfg, step, x, rank)
         t0 = time.perf_counter()
         metrics = step_fn(x.to(device), y.to(device), step)
         dt = time.perf_counter() - t0
@@ -124,19 +127,64 @@ def restore(step_fn, loader) -> int:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return 0
-    rank = dist.get_rank() if dist.is_initialized() else 0
     with ckpt.as_directory() as path:
-        path = Path(path)
-        for name, net in step_fn.networks().items():
-            net.engine.load_checkpoint(str(path / name), tag="state")
-            if net.ema is not None:
-                net.ema.load_state_dict(torch.load(path / f"{name}-ema.pt"))
-        state = torch.load(path / f"loop-rank{rank}.pt", weights_only=False)
+        step = load_checkpoint(Path(path), step_fn, loader)
+    log.warning("rank %d resumed from step %d", dist.get_rank() if dist.is_initialized() else 0, step)
+    return step
+
+
+def load_checkpoint(path: Path, step_fn, loader) -> int:
+    """The inverse of :func:`save_checkpoint`: engines, EMA copies, loader position, strategy state."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for name, net in step_fn.networks().items():
+        net.engine.load_checkpoint(str(path / name), tag="state")
+        if net.ema is not None:
+            net.ema.load_state_dict(torch.load(path / f"{name}-ema.pt"))
+    state = torch.load(path / f"loop-rank{rank}.pt", weights_only=False)
     loader.load_state_dict(state["loader"])
     if hasattr(step_fn, "state"):
         step_fn.state = state["strategy_state"]
-    log.warning("rank %d resumed from step %d", rank, state["step"])
     return int(state["step"])
+
+
+# ---------------------------------------------------------------- fault injection (tests only)
+# Hooks for the reliability tests (docs/reliability.md); inert unless the variable is set. Value:
+# "N" (every trial) or "N:strategy" (only that strategy's trials); N is the 0-based step index.
+FAULT_KILL = "GENREP_FAULT_KILL_AT_STEP"  # SIGKILL rank 0 before step N, once per trial run
+FAULT_NAN = "GENREP_FAULT_NAN_AT_STEP"  # feed an all-NaN batch at step N, on every attempt
+
+
+def fault_step(var: str, cfg: TrialConfig) -> int | None:
+    spec = os.environ.get(var, "")
+    if not spec:
+        return None
+    step, _, strategy = spec.partition(":")
+    return int(step) if strategy in ("", cfg.strategy.name) else None
+
+
+def inject_faults(cfg: TrialConfig, step: int, x: torch.Tensor, rank: int) -> torch.Tensor:
+    """The batch to train on at ``step``, after the test-only fault hooks had their say.
+
+    The kill hook leaves a marker in the run's storage directory first, so the attempt that Ray
+    Train restarts from the last checkpoint runs through instead of dying again.
+    """
+    if fault_step(FAULT_NAN, cfg) == step:
+        x = torch.full_like(x, float("nan"))
+    if fault_step(FAULT_KILL, cfg) == step and rank == 0:
+        marker = fault_dir() / f"genrep-fault-kill-{cfg.hash()}-step{step}"
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            log.warning("fault injection: SIGKILL of rank 0 before step %d", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def fault_dir() -> Path:
+    """This Ray Train run's directory on (local) storage; it outlives the killed worker."""
+    import ray.train
+
+    return Path(ray.train.get_context().get_storage().experiment_fs_path)
 
 
 def evaluate(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard: Shard, device) -> dict[str, float]:

@@ -128,8 +128,16 @@ def split_samples(samples: Iterable, index: int, count: int) -> Iterator:
             yield s
 
 
-def decode_sample(sample: dict, channels: int | None) -> tuple[np.ndarray, int]:
-    """(image uint8 [C, H, W], label) from a raw sample; problems raise DataError with shard+key."""
+def decode_sample(sample: dict, channels: int | None, size: int | None = None) -> tuple[np.ndarray, int]:
+    """(image uint8 [C, H, W], label) from a raw sample; problems raise DataError with shard+key.
+
+    Hostile shards: a member name that is absolute or climbs out (``../``) is refused (nothing is
+    ever written, but such a key has no business in a dataset); only PNG is decoded; with `size`,
+    the size declared in the PNG header is checked *before* pixels are allocated, so a header
+    declaring 100000×100000 costs nothing (PIL's own DecompressionBombError is a second line)."""
+    key = str(sample.get("__key__", ""))
+    if key.startswith("/") or ".." in key.split("/"):
+        raise _bad(sample, "unsafe member name (absolute or '..' path)")
     for ext in ("cls", "png"):
         if ext not in sample:
             raise _bad(sample, f"no .{ext} entry (has {sorted(k for k in sample if k[0] != '_')})")
@@ -138,10 +146,15 @@ def decode_sample(sample: dict, channels: int | None) -> tuple[np.ndarray, int]:
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(sample, f".cls is not an integer ({sample['cls'][:20]!r})") from e
     try:
-        with Image.open(io.BytesIO(sample["png"])) as im:
+        with Image.open(io.BytesIO(sample["png"]), formats=["PNG"]) as im:
+            if size is not None and im.size != (size, size):
+                raise _bad(sample, f".png declares {im.size[0]}x{im.size[1]} pixels, "
+                                   f"expected {size}x{size} (the dataset's image_size)")
             im.load()
             mode = {1: "L", 3: "RGB"}.get(channels or (1 if im.mode in ("L", "1", "I;16") else 3))
             array = np.asarray(im.convert(mode))
+    except DataError:
+        raise
     except Exception as e:
         raise _bad(sample, f".png is not a decodable image ({e})") from e
     return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), label
@@ -153,13 +166,13 @@ def _bad(sample: dict, reason: str) -> DataError:
     return err
 
 
-def decode_all(samples: Iterable, channels: int | None, policy: str) -> Iterator:
+def decode_all(samples: Iterable, channels: int | None, policy: str, size: int | None = None) -> Iterator:
     for s in samples:
         if isinstance(s, SkipRecord):
             yield s
             continue
         try:
-            yield decode_sample(s, channels)
+            yield decode_sample(s, channels, size)
         except DataError as e:
             if policy == "raise":
                 raise
@@ -222,7 +235,7 @@ class _ReaderStream(IterableDataset):
         if c["shuffle_buffer"] > 1:
             stages.append(wds.shuffle(c["shuffle_buffer"], initial=c["shuffle_buffer"],
                                       seed=_reader_seed(c["seed"], c["epoch"], reader)))
-        stages += [lambda s: decode_all(s, c["channels"], c["policy"]),
+        stages += [lambda s: decode_all(s, c["channels"], c["policy"], c.get("image_size")),
                    lambda s: collate(s, c["batch_size"], c["drop_last"])]
         return stages
 
@@ -287,8 +300,10 @@ class ShardLoader:
 def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0,
                 resampled: bool = False, on_bad_sample: str = "raise", image_channels: int | None = None,
-                drop_last: bool = True, shuffle_shards: bool = True) -> ShardLoader:
-    """A ShardLoader over `urls` (a list, or one brace pattern) for reader `rank` of `world_size`."""
+                drop_last: bool = True, shuffle_shards: bool = True,
+                image_size: int | None = None) -> ShardLoader:
+    """A ShardLoader over `urls` (a list, or one brace pattern) for reader `rank` of `world_size`;
+    with `image_size`, an image of any other size is bad data (DataError naming shard and key)."""
     urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
     if image_channels not in (None, 1, 3):
         raise ValueError(f"image_channels must be None, 1 or 3, got {image_channels!r}")
@@ -299,5 +314,6 @@ def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_siz
                          f"batch_size {batch_size}, num_workers {num_workers}")
     cfg = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
                shuffle_buffer=shuffle_buffer, resampled=resampled, policy=on_bad_sample,
-               channels=image_channels, drop_last=drop_last, shuffle_shards=shuffle_shards)
+               channels=image_channels, drop_last=drop_last, shuffle_shards=shuffle_shards,
+               image_size=image_size)
     return ShardLoader(urls, cfg, num_workers)

@@ -1,0 +1,99 @@
+"""Determinism: the same config and seed give bitwise-identical training metrics; a resume is exact.
+
+The real training step (DeepSpeed engines on a one-process gloo group, the real shard loader) in
+this process, without Ray: cheap enough to compare several strategies. The Ray path (restart of a
+killed worker from its checkpoint = an undisturbed run) is proved in test_faults.py.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness.config import from_dict
+from harness.data import make_loader
+from harness.step import Shard, make_step
+from harness.trial import prepare_data
+from harness.worker import forever, load_checkpoint, save_checkpoint
+from tests.conftest import free_port, tiny_sweep
+
+STEPS = 4
+# wall-clock and memory metrics are not expected to repeat; everything else must, bitwise
+NOT_DETERMINISTIC = {"step_time", "images_per_s", "rss_mb", "eval_seconds"}
+
+
+@pytest.fixture(scope="module")
+def group():
+    """A one-rank gloo process group: DeepSpeed engines need one (Ray Train makes it in a trial)."""
+    from harness.engine import prepare_environment
+
+    saved = dict(os.environ)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+    prepare_environment()
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, group):
+    """A tiny sweep (ema teacher, stateful gradvac rule) and its packed shards."""
+    raw = tiny_sweep(tmp_path_factory.mktemp("det"), strategies=["sum", "genrep", "separate"],
+                     seeds=[0, 1], strategy_options={"genrep": {"rule": "gradvac", "damping": 0.5}})
+    raw["method"] = {**raw["method"], "mc": {"k": 2, "teacher": "ema"}}
+    raw["data"] = {**raw["data"], "shuffle_buffer": 32}
+    cfg = from_dict(raw)
+    return cfg, prepare_data(cfg)
+
+
+def make_run(cfg, urls, strategy: str, seed: int):
+    """A trial's step function and training loader, built as harness.worker.train_loop builds them."""
+    trial = cfg.trial(strategy, seed)
+    shard = Shard(0, 1, trial.train.batch_size)
+    step_fn = make_step(trial, shard, torch.device("cpu"))
+    loader = make_loader(urls["train"], shard.local, seed=trial.seed,
+                         shuffle_buffer=trial.data.shuffle_buffer, image_size=trial.data.image_size)
+    return step_fn, loader
+
+
+def train(step_fn, loader, start: int, stop: int) -> list[dict[str, float]]:
+    batches = forever(loader)
+    out = []
+    for step in range(start, stop):
+        x, y = next(batches)
+        metrics = step_fn(x, y, step)
+        out.append({k: float(v) for k, v in metrics.items() if k not in NOT_DETERMINISTIC})
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["sum", "genrep", "separate"])
+def test_same_seed_same_metrics_other_seed_differs(sweep, strategy):
+    cfg, urls = sweep
+    first = train(*make_run(cfg, urls, strategy, 0), 0, STEPS)
+    again = train(*make_run(cfg, urls, strategy, 0), 0, STEPS)
+    other = train(*make_run(cfg, urls, strategy, 1), 0, STEPS)
+    assert first == again  # bitwise: float == float on every metric of every step
+    assert {"loss_gen", "loss_perc", "acc"} <= set(first[0])
+    assert first[-1]["loss_gen"] != other[-1]["loss_gen"]
+    assert first[-1]["loss_perc"] != other[-1]["loss_perc"]
+
+
+@pytest.mark.parametrize("strategy", ["genrep", "separate"])
+def test_resume_from_checkpoint_is_bitwise_exact(sweep, strategy, tmp_path):
+    """Stop after 2 steps, checkpoint, rebuild everything, load, go on: = 5 steps straight.
+
+    Covers the engines (weights, Adam moments), the EMA teacher, the gradvac running state and the
+    loader position (seeded shuffle buffer): any one of them left out changes the metrics."""
+    cfg, urls = sweep
+    straight = train(*make_run(cfg, urls, strategy, 0), 0, 5)
+    step_fn, loader = make_run(cfg, urls, strategy, 0)
+    head = train(step_fn, loader, 0, 2)
+    save_checkpoint(tmp_path, step_fn, loader, 2)
+    step_fn, loader = make_run(cfg, urls, strategy, 0)
+    assert load_checkpoint(tmp_path, step_fn, loader) == 2
+    assert head + train(step_fn, loader, 2, 5) == straight
