@@ -25,16 +25,22 @@ def _quiet(verbose: bool) -> None:
 
 
 def cmd_sweep(args) -> int:
+    """Exit 0 when every trial finished; 1 when any failed or is unfinished (listed on stderr)."""
     from harness import results
-    from harness.sweep import run_sweep
+    from harness.sweep import format_trials, read_trials, run_sweep
 
     df = run_sweep(args.sweep_file, resume=args.resume, overwrite=args.overwrite,
                    address=args.address, verbose=args.verbose)
+    trials = read_trials(args.sweep_file)
+    print(format_trials(trials))
     print_summary(results.summary(df))
     failed = df.loc[df["status"] == "failed", "trial"].unique()
     for name in failed:
         print(f"FAILED trial {name}: {df.loc[df['trial'] == name, 'error'].iloc[0]}", file=sys.stderr)
-    return 1 if len(failed) else 0
+    unfinished = [] if trials is None else list(trials.loc[trials["status"] == "unfinished", "trial"])
+    for name in unfinished:
+        print(f"UNFINISHED trial {name}: run again with --resume", file=sys.stderr)
+    return 1 if len(failed) or unfinished else 0
 
 
 def cmd_train(args) -> int:
@@ -79,6 +85,37 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_perf(args) -> int:
+    """Measure the harness's cost against its targets (harness.perf, docs/performance.md)."""
+    from pathlib import Path
+
+    from harness.config import load
+    from harness.perf import IDS, Settings, plain_text, run_perf, write_all
+
+    ids = [i.strip() for i in (args.only or ",".join(IDS)).split(",") if i.strip()]
+    skip = {i.strip() for i in (args.skip or "").split(",") if i.strip()}
+    unknown = sorted((set(ids) | skip) - set(IDS))
+    if unknown:
+        print(f"error: unknown perf id(s) {unknown}; known: {list(IDS)}", file=sys.stderr)
+        return 2
+    quick = dict(repeats=3, warmup=1, p3b_steps=100, p3b_images=64, p3b_seeds=1) if args.quick else {}
+    given = {k: v for k, v in (("repeats", args.repeats), ("p3b_steps", args.p3b_steps)) if v is not None}
+    settings = Settings(sweep=load(args.sweep), ids=tuple(i for i in ids if i not in skip),
+                        quick=args.quick, threads=args.threads, out=args.out, **{**quick, **given})
+    if args.profile:
+        from harness.perf.output import write_atomic
+        from harness.perf.steps import profile
+
+        write_atomic(Path(args.out) / "profile.txt", profile(settings))
+        print(Path(args.out) / "profile.txt")
+        return 0
+    rows, meta = run_perf(settings)
+    paths = write_all(Path(args.out), rows, meta)
+    print(plain_text(rows, meta))
+    print(paths["perf.md"])
+    return 1 if any(r.what == "(failed)" for r in rows) else 0
+
+
 def print_summary(table) -> None:
     import pandas as pd
 
@@ -99,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
         return s
 
     s = with_sweep("sweep", "run every trial of a sweep with Ray Tune and print the results")
-    s.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
+    s.add_argument("--resume", action="store_true",
+                   help="finish an interrupted sweep: finished trials are kept, the rest run")
     s.add_argument("--overwrite", action="store_true", help="delete an earlier run of this sweep")
     s.set_defaults(fn=cmd_sweep)
     s = with_sweep("train", "run one trial through Ray Train without Tune (debugging)")
@@ -124,6 +162,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output directory (default: <first results dir>/report)")
     s.add_argument("--baseline", default="sum", help="strategy the paired Δ is taken against")
     s.set_defaults(fn=cmd_report, verbose=False)
+    s = sub.add_parser("perf", help="measure the harness's cost against its targets (P1-P7)")
+    s.add_argument("--quick", action="store_true",
+                   help="few rounds, short P3b training; P5/P7 not run (P7: last measured)")
+    s.add_argument("--repeats", type=int, help="timed rounds per configuration (default 7, quick 3)")
+    s.add_argument("--out", default="results/perf", help="where perf.csv/.md/.json go")
+    s.add_argument("--sweep", default="sweeps/smoke.yaml", help="the sweep whose trial is measured")
+    s.add_argument("--only", help="comma-separated ids, e.g. P1,P2 (default: all)")
+    s.add_argument("--skip", help="comma-separated ids to leave out, e.g. P5,P7")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (the worker uses 1)")
+    s.add_argument("--p3b-steps", type=int, help="training steps of the P3b model (0 = untrained)")
+    s.add_argument("--profile", action="store_true",
+                   help="only write torch.profiler tables of the P1/P2 steps to <out>/profile.txt")
+    s.set_defaults(fn=cmd_perf, verbose=False)
     return p
 
 

@@ -5,11 +5,17 @@ dataclasses by :func:`from_dict`, which rejects unknown keys, wrong types and ou
 with an error naming the file and the field path (``sweeps/x.yaml: train.steps: must be > 0``).
 One trial is a :class:`TrialConfig`: the sweep's template with one strategy and one seed (and any
 grid or search values) filled in. Every result row stores the resolved trial config.
+
+Beyond strategies × seeds a sweep may cross a ``grid:`` of dotted TrialConfig paths
+(``method.beta_kd: [0.0, 1.0]``), add named ``variants:`` (a strategy plus fixed overrides, labelled
+by their own name in the results), or ``search:`` a declared space with Optuna (harness.search).
+Every override is validated here, at load time, as if it had been written into the file.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import types
 import typing
@@ -33,7 +39,9 @@ class DataConfig:
     shard_size: int = 500
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     root: str | None = None  # where packed shards are cached; default <output_dir>/../_data
-    urls: str | None = None  # a shard url pattern (brace notation, file://, pipe:) overriding root
+    # shard URLs overriding root: one pattern where {split} becomes train/val/test, or a mapping
+    # split -> pattern; brace ranges ({00000..00049}), file:// and pipe: (object stores) work
+    urls: str | dict[str, str] | None = None
     shuffle_buffer: int = 256
     num_workers: int = 0  # DataLoader workers per Ray Train worker
     on_bad_sample: Literal["raise", "skip"] = "raise"
@@ -129,6 +137,11 @@ class TrialConfig:
     deepspeed: DeepSpeedConfig
     resources: ResourcesConfig
     output_dir: str
+    variant: str = ""  # the trial's label in the results: a variant's name, or the strategy's
+
+    def __post_init__(self):
+        if not self.variant:
+            object.__setattr__(self, "variant", self.strategy.name)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +155,59 @@ class TrialConfig:
         from genrep.model import preset
 
         return preset(self.model.preset, **self.model.overrides)
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """A named arm: a strategy plus fixed overrides, e.g. ``sum_kd: {strategy: sum, overrides:
+    {method.beta_kd: 1.0}}``; its name is the trial's label (``strategy`` column) in the results."""
+
+    strategy: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted TrialConfig path -> value
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched dimension: float/int in [low, high] (optionally log-scaled) or categorical."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """ASHA early stopping, judged on the train rows reported every ``train.log_every`` steps."""
+
+    type: Literal["asha"] = "asha"
+    metric: str = "acc"  # a train-row metric: the final held-out metrics only exist at the end
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = 20  # training steps before a trial can be stopped
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Optuna (TPE) over ``space`` (dotted TrialConfig path -> ParamSpec); each sampled
+    configuration runs once per seed and Optuna is told the mean over seeds."""
+
+    space: dict[str, ParamSpec]
+    num_samples: int = 12  # configurations sampled (Tune runs num_samples x len(seeds) trials)
+    metric: str | None = None  # single objective (default head_acc) ...
+    mode: Literal["max", "min"] | None = None
+    metrics: tuple[str, ...] = ()  # ... or several: a Pareto front (multi-objective TPE)
+    modes: tuple[Literal["max", "min"], ...] = ()
+    seed: int = 0  # the TPE sampler's seed
+    scheduler: SchedulerConfig | None = None
+
+
+# objectives Optuna can read off a trial's final report, with their default direction
+OBJECTIVES = {"head_acc": "max", "mc_acc": "max", "sample_acc": "max", "head_ece": "min",
+              "heldout_loss": "min", "fd_ref": "min", "step_time": "min"}
+# train-row metrics an early-stopping scheduler can watch
+TRAIN_METRICS = ("acc", "loss_ce", "loss_perc", "loss_gen")
 
 
 @dataclass(frozen=True)
@@ -159,6 +225,9 @@ class SweepConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    grid: dict[str, Any] = field(default_factory=dict)  # dotted TrialConfig path -> list of values
+    variants: dict[str, VariantConfig] = field(default_factory=dict)
+    search: SearchConfig | None = None
     source_file: str = "<dict>"
 
     def trial(self, strategy: str, seed: int) -> TrialConfig:
@@ -167,10 +236,48 @@ class SweepConfig:
             strategy=StrategyConfig(strategy, self.granularity, dict(self.strategy_options.get(strategy, {}))),
             data=self.data, model=self.model, method=self.method, train=self.train,
             eval=self.eval, deepspeed=self.deepspeed, resources=self.resources,
-            output_dir=self.output_dir)
+            output_dir=self.output_dir, variant=strategy)
+
+    def labels(self) -> tuple[str, ...]:
+        """The arms: every strategy, then every named variant."""
+        return (*self.strategies, *self.variants)
+
+    def arm(self, label: str, seed: int, overrides: dict[str, Any] | None = None) -> TrialConfig:
+        """The trial of a strategy or a named variant, with grid or search ``overrides`` on top."""
+        v = self.variants.get(label)
+        trial = self.trial(v.strategy if v else label, seed)
+        return apply_overrides(dataclasses.replace(trial, variant=label),
+                               {**(v.overrides if v else {}), **(overrides or {})})
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the ``grid:`` values ([{}] without a grid)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.grid[k] for k in keys))]
 
     def trials(self) -> list[TrialConfig]:
-        return [self.trial(s, seed) for s in self.strategies for seed in self.seeds]
+        """Arms × seeds × grid points (a search's sampled values are not known in advance)."""
+        return [self.arm(label, seed, point) for label in self.labels() for seed in self.seeds
+                for point in self.grid_points()]
+
+
+# ---------------------------------------------------------------- overrides
+def replace_path(obj, path: list[str], value):
+    """A copy of a frozen dataclass tree with the field at ``path`` set to ``value``."""
+    head, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        return {**obj, head: replace_path(obj.get(head, {}), rest, value) if rest else value}
+    current = getattr(obj, head)
+    return dataclasses.replace(obj, **{head: replace_path(current, rest, value) if rest else value})
+
+
+def apply_overrides(trial: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
+    """``{dotted.path: value}`` applied to a trial, then rebuilt so every value has its field's
+    type (a grid's ``1`` for a float field becomes ``1.0``: the config hash stays canonical)."""
+    if not overrides:
+        return trial
+    for path, value in overrides.items():
+        trial = replace_path(trial, path.split("."), value)
+    return trial_from_dict(trial.to_dict())
 
 
 # ---------------------------------------------------------------- checks
@@ -185,6 +292,11 @@ NO_PARENT = (lambda v: v is None or ".." not in Path(v).parts, "must not contain
 
 CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
     DataConfig: {**_positive("image_size", "count", "shard_size", "shuffle_buffer"),
+                 "urls": (lambda v: v is None or (isinstance(v, str) and "{split}" in v) or (
+                     isinstance(v, dict) and set(v) == {"train", "val", "test"}
+                     and all(isinstance(u, str) for u in v.values())),
+                          "one pattern containing {split}, or a mapping of train, val and test "
+                          "to patterns"),
                  "root": NO_PARENT,
                  "num_workers": (lambda v: v >= 0, "must be >= 0"),
                  "split": (lambda v: abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
@@ -203,6 +315,10 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
                  "guidance_scale": (lambda v: v >= 0, "must be >= 0"),
                  "split": (lambda v: v in ("val", "test"), "val or test")},
     DeepSpeedConfig: {"zero_stage": (lambda v: v in (0, 1, 2, 3), "must be 0, 1, 2 or 3")},
+    SearchConfig: _positive("num_samples"),
+    SchedulerConfig: {**_positive("grace_period"),
+                      "reduction_factor": (lambda v: v >= 2, "must be >= 2"),
+                      "metric": (lambda v: v in TRAIN_METRICS, f"one of {list(TRAIN_METRICS)}")},
     ResourcesConfig: {**_positive("workers", "cpus_per_worker", "max_concurrent"),
                       "gpus_per_worker": (lambda v: v >= 0, "must be >= 0"),
                       "max_failures": (lambda v: v >= -1, "must be >= -1 (-1 = forever)")},
@@ -250,6 +366,140 @@ def _cross_checks(cfg: SweepConfig, where: str) -> None:
             strategies.get(s).check_options(opts)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: strategy_options.{s}: {e}") from None
+    _check_grid(cfg, where)
+    _check_variants(cfg, where)
+    _check_search(cfg, where)
+
+
+# ---------------------------------------------------------------- grid, variants, search
+FIXED_FIELDS = {"name": "name", "seed": "seeds", "output_dir": "output_dir", "variant": "variants",
+                "strategy.name": "strategies or variants",
+                # the shards are packed (or their URLs resolved) once per sweep, before any trial
+                **{f"data.{k}": f"data.{k} (one dataset per sweep)"
+                   for k in ("source", "image_size", "count", "shard_size", "split", "root", "urls")}}
+
+
+def _sweep_path(path: str, strategy: str) -> list[str]:
+    """Where a dotted TrialConfig path lives in the sweep file, for one strategy's trials."""
+    parts = path.split(".")
+    trial_fields = {f.name for f in dataclasses.fields(TrialConfig)}
+    if path in FIXED_FIELDS or parts[0] in FIXED_FIELDS:
+        raise ValueError(f"cannot be overridden; set {FIXED_FIELDS.get(path, FIXED_FIELDS.get(parts[0]))} instead")
+    if parts[0] not in trial_fields:
+        raise ValueError(f"unknown field {parts[0]!r}; known: {sorted(trial_fields - set(FIXED_FIELDS))}")
+    if parts[0] == "strategy":
+        if parts[1:] == ["granularity"]:
+            return ["granularity"]
+        if len(parts) == 3 and parts[1] == "options":
+            return ["strategy_options", strategy, parts[2]]
+        raise ValueError("only strategy.granularity and strategy.options.<option> can be overridden")
+    return parts
+
+
+def _plain(cfg: SweepConfig) -> dict[str, Any]:
+    """The sweep as a plain mapping without its grid, variants and search (re-validatable)."""
+    raw = asdict(cfg)
+    for key in ("grid", "variants", "search", "source_file"):
+        raw.pop(key)
+    return raw
+
+
+def check_override(cfg: SweepConfig, path: str, value: Any, strategy: str, label: str, where: str) -> None:
+    """Validate ``path = value`` for ``strategy``'s trials as if written into the sweep file: the
+    path must exist, the value must type-check and pass every field and cross-field check."""
+    try:
+        keys = _sweep_path(path, strategy)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {label}: {e}") from None
+    raw = node = _plain(cfg)
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {label}: {key!r} is a value, not a section")
+    node[keys[-1]] = value
+    try:
+        from_dict(raw, where)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {label}: {value!r} is not valid here: "
+                          f"{str(e).removeprefix(f'{where}: ')}") from None
+
+
+def _strategy_of(cfg: SweepConfig, label: str) -> str:
+    return cfg.variants[label].strategy if label in cfg.variants else label
+
+
+def _check_grid(cfg: SweepConfig, where: str) -> None:
+    for path, values in cfg.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: grid.{path}: expected a non-empty list of values, got {values!r}")
+        for value in values:
+            for strategy in dict.fromkeys(_strategy_of(cfg, lab) for lab in cfg.labels()):
+                check_override(cfg, path, value, strategy, f"grid.{path}", where)
+
+
+def _check_variants(cfg: SweepConfig, where: str) -> None:
+    from genrep import strategies
+
+    known = set(strategies.available()) | {"separate"}
+    for name, v in cfg.variants.items():
+        at = f"variants.{name}"
+        if name in known or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}: {at}: a variant needs its own name (letters, digits, '-', "
+                              f"'_'), not a strategy's ({sorted(known)})")
+        if v.strategy not in known:
+            raise ConfigError(f"{where}: {at}.strategy: unknown strategy {v.strategy!r}; known: {sorted(known)}")
+        for path, value in v.overrides.items():
+            if path in cfg.grid:
+                raise ConfigError(f"{where}: {at}.overrides.{path}: also in grid; a path is set in one place")
+            check_override(cfg, path, value, v.strategy, f"{at}.overrides.{path}", where)
+
+
+def _check_search(cfg: SweepConfig, where: str) -> None:
+    s = cfg.search
+    if s is None:
+        return
+    if cfg.grid or cfg.variants:
+        raise ConfigError(f"{where}: search: cannot be combined with grid or variants")
+    if len(cfg.strategies) != 1:
+        raise ConfigError(f"{where}: strategies: a search runs one strategy; got {list(cfg.strategies)}")
+    _check_objectives(s, where)
+    if not s.space:
+        raise ConfigError(f"{where}: search.space: declare at least one dimension")
+    for path, spec in s.space.items():
+        for value in _space_values(spec, f"search.space.{path}", where):
+            check_override(cfg, path, value, cfg.strategies[0], f"search.space.{path}", where)
+    if s.scheduler and s.scheduler.grace_period >= cfg.train.steps:
+        raise ConfigError(f"{where}: search.scheduler.grace_period: must be < train.steps = {cfg.train.steps}")
+
+
+def _check_objectives(s: SearchConfig, where: str) -> None:
+    if s.metrics and (s.metric or s.mode):
+        raise ConfigError(f"{where}: search: give metric/mode (one objective) or metrics/modes, not both")
+    if s.modes and len(s.modes) != len(s.metrics):
+        raise ConfigError(f"{where}: search.modes: {len(s.modes)} modes for {len(s.metrics)} metrics")
+    if len(set(s.metrics)) != len(s.metrics):
+        raise ConfigError(f"{where}: search.metrics: listed twice in {list(s.metrics)}")
+    for i, m in enumerate(s.metrics or (s.metric or "head_acc",)):
+        if m not in OBJECTIVES:
+            at = f"search.metrics[{i}]" if s.metrics else "search.metric"
+            raise ConfigError(f"{where}: {at}: unknown objective {m!r}; known: {sorted(OBJECTIVES)}")
+
+
+def _space_values(spec: ParamSpec, at: str, where: str) -> list[Any]:
+    """The values that bound a dimension (both ends, or every choice), after checking its shape."""
+    if spec.type == "categorical":
+        if not spec.choices or spec.low is not None or spec.high is not None or spec.log:
+            raise ConfigError(f"{where}: {at}: categorical takes a non-empty choices list only")
+        return list(spec.choices)
+    if spec.low is None or spec.high is None or spec.choices is not None or not spec.low < spec.high:
+        raise ConfigError(f"{where}: {at}: {spec.type} takes low < high (and no choices)")
+    if spec.log and spec.low <= 0:
+        raise ConfigError(f"{where}: {at}: a log scale needs low > 0")
+    if spec.type == "int":
+        if not (spec.low.is_integer() and spec.high.is_integer()):
+            raise ConfigError(f"{where}: {at}: int bounds must be whole numbers")
+        return [int(spec.low), int(spec.high)]
+    return [spec.low, spec.high]
 
 
 # ---------------------------------------------------------------- dict → dataclass
@@ -262,6 +512,9 @@ def _convert(tp: Any, value: Any, path: str, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # X | None: keep X's own, more precise error
+            return _convert(real[0], value, path, where)
         for arg in args:
             if arg is type(None):
                 continue
@@ -288,6 +541,9 @@ def _convert(tp: Any, value: Any, path: str, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise fail(f"expected a mapping, got {value!r}")
+        item = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        if dataclasses.is_dataclass(item):  # e.g. variants: name -> VariantConfig
+            return {k: _build(item, v, f"{path}.{k}", where) for k, v in value.items()}
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -336,11 +592,29 @@ def from_dict(raw: dict[str, Any], where: str = "<dict>") -> SweepConfig:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping: plain YAML keeps the last
+    one silently, so ``train: {steps: 4}`` further down a file would quietly win."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: construct_mapping itself reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"duplicate key {key!r}",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load(path: str | Path) -> SweepConfig:
     """Read and validate a sweep file (safe YAML loader only)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such sweep file") from None
     except yaml.YAMLError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -87,9 +88,25 @@ def long_rows(history: Iterable[dict[str, Any]], trial: dict[str, Any]) -> list[
     return rows
 
 
+def error_text(error: BaseException | None, limit: int = 2000) -> str:
+    """A trial's error for the results table: ``Type: message``, terminal colours removed. A long
+    one keeps its head and its tail: Ray wraps a worker's exception in its traceback, and the root
+    cause (``NonFiniteLoss: step 2: ...``) is the last line."""
+    if error is None:
+        return ""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(error).__name__}: {error}").strip()
+    if len(text) <= limit:
+        return text
+    half = (limit - 7) // 2
+    return f"{text[:half]} [...] {text[-half:]}"
+
+
 def trial_fields(cfg: dict[str, Any], name: str, config_hash: str, status: str, error: str,
                  sha: str, vers: str) -> dict[str, Any]:
-    base = {"trial": name, "strategy": cfg["strategy"]["name"], "seed": int(cfg["seed"]),
+    # `strategy` holds the trial's label (a named variant such as sum_kd, else the strategy) so
+    # reports group by it; the strategy actually run stays in the config JSON
+    label = cfg.get("variant") or cfg["strategy"]["name"]
+    base = {"trial": name, "strategy": label, "variant": label, "seed": int(cfg["seed"]),
             "status": status, "error": error, "config_hash": config_hash, "git_sha": sha,
             "versions": vers, "config": json.dumps(cfg, sort_keys=True, default=str)}
     return base | {f"cfg.{c}": lookup(cfg, c) for c in CONFIG_COLUMNS}

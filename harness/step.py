@@ -26,7 +26,7 @@ from genrep import strategies
 from genrep.diffusion import make_scheduler
 from genrep.losses import cross_entropy, denoising_loss_given, distillation_loss
 from genrep.model import GenRepModel, build_model
-from genrep.posterior import class_errors, draw_mc, mc_posterior, posterior
+from genrep.posterior import draw_mc, mc_posterior
 from genrep.registry import Registry
 from harness import engine as ds
 from harness.config import TrialConfig
@@ -144,28 +144,27 @@ class Step:
     def teacher_probs(self, teacher: GenRepModel, x, step: int):
         """q(c|x) for the first ⌈subset·B⌉ images every ``mc.every`` steps, else None.
 
-        Without pruning the K draws (t, ε) come from the global-batch generator (exact across
-        world sizes); the pruned two-round estimator draws per rank.
+        The draws (t, ε) of every round come from the global-batch generator and each rank takes
+        its rows, so a W-worker run draws what a 1-worker run draws, with or without pruning.
+        Pruning applies when prune_k < k (no draws are left for a second round otherwise).
         """
         mc, m = self.cfg.method.mc, self.cfg.method
         if m.beta_kd == 0 or step % mc.every:
             return None, {"mc_evals": 0.0}
         n = max(1, round(mc.subset * x.shape[0]))
-        if mc.prune_keep is not None:
-            g = step_generator(self.cfg.seed, step, f"mc/{self.shard.rank}")
-            res = mc_posterior(teacher.eps, x[:n], self.num_classes, mc.k, self.alphas_cumprod,
-                               tau_mc=mc.tau, chunk_size=mc.chunk_size, prune_k=mc.prune_k,
-                               prune_keep=mc.prune_keep, generator=g)
-            probs, stderr, evals = res.probs, res.stderr, res.evals
-        else:
-            g = step_generator(self.cfg.seed, step, "mc")
-            t, eps = draw_mc(mc.k, n * self.shard.world, tuple(x.shape[1:]), len(self.alphas_cumprod), g)
-            rows = slice(self.shard.rank * n, (self.shard.rank + 1) * n)
-            classes = torch.arange(self.num_classes, device=self.device)
-            errors, stderr = class_errors(teacher.eps, x[:n], t[rows].to(self.device),
-                                          eps[rows].to(self.device), classes, self.alphas_cumprod,
-                                          chunk_size=mc.chunk_size)
-            probs, evals = posterior(errors, mc.tau), n * mc.k * self.num_classes
+        g = step_generator(self.cfg.seed, step, "mc")
+        rows = slice(self.shard.rank * n, (self.shard.rank + 1) * n)
+
+        def draw(k: int):
+            t, eps = draw_mc(k, n * self.shard.world, tuple(x.shape[1:]), len(self.alphas_cumprod), g)
+            return t[rows].to(self.device), eps[rows].to(self.device)
+
+        prune = mc.prune_keep is not None and mc.prune_k < mc.k
+        res = mc_posterior(teacher.eps, x[:n], self.num_classes, mc.k, self.alphas_cumprod,
+                           tau_mc=mc.tau, chunk_size=mc.chunk_size, draw=draw,
+                           prune_k=mc.prune_k if prune else None,
+                           prune_keep=mc.prune_keep if prune else None)
+        probs, stderr, evals = res.probs, res.stderr, res.evals
         finite = stderr[torch.isfinite(stderr)]
         return probs, {"mc_evals": float(evals),
                        "mc_stderr": float(finite.mean()) if finite.numel() else 0.0}
@@ -218,31 +217,57 @@ class JointStep(Step):
         return {**mq, **mp, **mg, **tel}
 
     def aligned_backward(self, loss_p, loss_g) -> dict[str, float]:
-        """Global task gradients → strategy → combined gradient through the surrogate loss.
+        """Task gradients → global Gram matrix → strategy weights → combined gradient.
 
-        Communication: one all-reduce of the [2, D] task gradients (2·D floats) before the
-        decision, then the engine's own reduction of the combined gradient (D floats).
+        Every rule is per-segment weights w from the Gram matrix of the *global* (averaged) task
+        gradients, so each rank combines its *local* gradients with the global weights,
+        c_r = w_p·g_p,r + w_g·g_g,r, and the engine's own averaging of c_r gives exactly
+        w_p·ḡ_p + w_g·ḡ_g. Only the Gram matrix needs the global gradients (``global_gram``).
         """
-        params = self.shared + self.head
+        params, n = self.shared + self.head, len(self.shared)
         g_p = torch.autograd.grad(loss_p, params, allow_unused=True)
         g_g = torch.autograd.grad(loss_g, self.shared, allow_unused=True)
-        grads = all_reduce_mean(torch.stack([flat(g_p[: len(self.shared)], self.shared),
-                                             flat(g_g, self.shared)]))
-        opts = dict(self.cfg.strategy.options)
-        combined, tel = strategies.combine(self.strategy.name, grads, self.segments,
-                                           state=self.state, **opts)
+        local = torch.stack([flat(g_p[:n], self.shared), flat(g_g, self.shared)])
+        gram = global_gram(local, self.segments)
+        w, tel = strategies.weights(self.strategy.name, gram, state=self.state,
+                                    **self.cfg.strategy.options)
         self.state = tel.pop("state", self.state)
-        head = [g if g is not None else torch.zeros_like(p)
-                for g, p in zip(g_p[len(self.shared):], self.head)]
+        combined = strategies.apply_weights(local, w, self.segments)
+        head = [g if g is not None else torch.zeros_like(p) for g, p in zip(g_p[n:], self.head)]
         ds.backward_combined(self.net.engine, params, unflat(combined, self.shared) + head)
-        return telemetry(grads, tel)
+        return telemetry(gram, tel)
 
 
-def telemetry(grads: torch.Tensor, tel: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Whole-vector cos and norm ratio, and the strategy's per-segment values averaged."""
-    gram = strategies.gram_matrix(grads)[0]
-    n_p, n_g = gram[0, 0].sqrt(), gram[1, 1].sqrt()
-    cos = gram[0, 1] / (n_p * n_g).clamp_min(1e-30)
+def global_gram(local: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """Gram matrices [S, 2, 2] of the rank-averaged task gradients ḡ = (1/W) Σ_r g_r.
+
+    Reduce-scatter gives each rank a 1/W slice of ḡ_p and ḡ_g (2·D·(W−1)/W floats sent per
+    rank, half an all-reduce of the pair); the Gram matrix is a sum over coordinates, so the
+    slices' partial Grams add up to the full one with an all-reduce of 4·S floats.
+    """
+    num = 1 if segments is None else int(segments[-1]) + 1
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return strategies.gram_matrix(local, segments, num_segments=num)
+    world, rank, d = dist.get_world_size(), dist.get_rank(), local.shape[1]
+    m = -(-d // world)  # slice length; the padding is zeros and adds nothing to the Gram
+    padded = torch.nn.functional.pad(local, (0, m * world - d))
+    mine = torch.empty(2, m, dtype=local.dtype, device=local.device)
+    for task in range(2):
+        dist.reduce_scatter_tensor(mine[task], padded[task].contiguous())
+    mine /= world
+    seg = None
+    if segments is not None:
+        seg = torch.nn.functional.pad(segments, (0, m * world - d))[rank * m: (rank + 1) * m]
+    gram = strategies.gram_matrix(mine, seg, num_segments=num)
+    dist.all_reduce(gram)
+    return gram
+
+
+def telemetry(gram: torch.Tensor, tel: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Whole-vector cos and norms (the segments' Grams summed), strategy values averaged."""
+    g = gram.sum(0)
+    n_p, n_g = g[0, 0].clamp_min(0).sqrt(), g[1, 1].clamp_min(0).sqrt()
+    cos = g[0, 1] / (n_p * n_g).clamp_min(1e-30)
     out = {"cos": float(cos), "norm_p": float(n_p), "norm_g": float(n_g),
            "norm_ratio": float(n_p / n_g.clamp_min(1e-30))}
     for key in ("conflict", "damping", "w_p", "w_g"):

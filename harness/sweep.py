@@ -1,12 +1,21 @@
-"""A sweep: Ray Tune trials over strategies × seeds, each a Ray Train job; results to one table.
+"""A sweep: Ray Tune trials, each a Ray Train job; results to one table.
 
-``run_sweep`` finds a Ray cluster (``--address`` or ``RAY_ADDRESS``) or starts an embedded local
-one, packs the data on first use, runs the Tuner (or restores it with ``resume``), and writes
-``<output_dir>/results.parquet`` atomically from what every trial reported.
+The trials are a grid (strategies and named variants × seeds × the ``grid:`` values) or an Optuna
+search (harness.search). ``run_sweep`` finds a Ray cluster (``--address`` or ``RAY_ADDRESS``) or
+starts an embedded local one, packs the data on first use, runs the Tuner (or, with ``resume``,
+restores it: finished trials are kept and never rerun, unfinished and errored ones run), and
+writes ``<output_dir>/results.parquet`` atomically from what every trial reported.
+
+Failures: a trial that raises is attempted ``1 + resources.max_failures`` times (each attempt
+resumes from the trial's latest Ray Train checkpoint), then recorded with status ``failed`` and
+its error, and the sweep goes on. Trial statuses in the results: ok, failed, stopped (early, by
+ASHA), unfinished (the sweep was interrupted: finish it with ``--resume``).
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -17,15 +26,15 @@ import pandas as pd
 import yaml
 
 from harness import results
-from harness.config import ConfigError, SweepConfig, load
-from harness.trial import prepare_data, run_trial, trial_name
+from harness.config import ConfigError, SweepConfig, TrialConfig, load
+from harness.trial import prepare_data, resolve, run_trial, trial_name
 
 log = logging.getLogger("harness")
 EXPERIMENT = "tune"
 
 
 def init_ray(address: str | None = None, verbose: bool = False) -> None:
-    """Connect to a cluster, or start Ray embedded (dashboard off, listening on 127.0.0.1).
+    """Connect to a cluster, or start Ray embedded (dashboard on 127.0.0.1).
 
     Token authentication stays on (Ray's default in this release): Ray's gRPC servers listen on
     all interfaces, and the token is what keeps other hosts out.
@@ -56,6 +65,32 @@ def raw_config(path: str | Path) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text()) or {}
 
 
+# ---------------------------------------------------------------- the Tuner
+def param_space(cfg: SweepConfig) -> dict[str, Any]:
+    """Tune's params per trial: ``variant`` (a strategy or a named variant), ``seed`` and the
+    dotted-path ``overrides`` (grid values here; a search's searcher adds its own and the seed)."""
+    from ray import tune
+
+    if cfg.search:
+        return {"variant": cfg.strategies[0]}
+    space = {"variant": tune.grid_search(list(cfg.labels())), "seed": tune.grid_search(list(cfg.seeds))}
+    if cfg.grid:
+        space["overrides"] = {p: tune.grid_search(list(v)) for p, v in cfg.grid.items()}
+    return space
+
+
+def tune_config(cfg: SweepConfig):
+    from ray import tune
+
+    if not cfg.search:
+        return tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent)
+    from harness import search
+
+    return tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent,
+                           search_alg=search.searcher(cfg), scheduler=search.scheduler(cfg),
+                           num_samples=search.num_trials(cfg))
+
+
 def make_tuner(cfg: SweepConfig, raw: dict[str, Any], resume: bool):
     from ray import tune
 
@@ -64,53 +99,154 @@ def make_tuner(cfg: SweepConfig, raw: dict[str, Any], resume: bool):
     fn = tune.with_parameters(run_trial, sweep={"raw": raw, "file": cfg.source_file}, urls=urls,
                               storage=storage)
     trainable = tune.with_resources(fn, {"cpu": 0.01})  # the driver only waits on its trainer
+    if cfg.search:
+        # train rows carry acc (ASHA's metric), the final row the held-out objectives: no row has
+        # them all, and Tune's strict check would fail the first train row
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     exp = experiment_dir(cfg)
     if resume and tune.Tuner.can_restore(str(exp)):
+        # the same trainable (run_trial) as the first run; a search's searcher and its Optuna
+        # study come back from the experiment state (and the SQLite file it points to)
         log.warning("resuming %s: finished trials are kept, the rest run", exp)
         return tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, resume_errored=True)
-    param_space = {"strategy": tune.grid_search(list(cfg.strategies)),
-                   "seed": tune.grid_search(list(cfg.seeds))}
     return tune.Tuner(
-        trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent),
+        trainable, param_space=param_space(cfg), tune_config=tune_config(cfg),
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=storage, verbose=1,
             failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures)))
 
 
-def collect(grid, cfg: SweepConfig) -> pd.DataFrame:
-    """Long rows from every trial of a ResultGrid; a failed trial keeps its rows and its error."""
+# ---------------------------------------------------------------- results of a ResultGrid
+def tune_trials(grid) -> list:
+    """Tune's Trial objects (status, failure count), aligned with the grid's results. ResultGrid
+    has no public accessor for them; its results are built from this same list, in order."""
+    analysis = getattr(grid, "_experiment_analysis", None)
+    return list(analysis.trials) if analysis is not None else [None] * len(grid)
+
+
+def trial_status(res, trial: TrialConfig, tune_trial) -> str:
+    """ok (final held-out report present), failed, stopped (early, by a scheduler) or unfinished."""
+    if res.error:
+        return "failed"
+    if (res.metrics or {}).get("split") == trial.eval.split:
+        return "ok"
+    return "stopped" if getattr(tune_trial, "status", "TERMINATED") == "TERMINATED" else "unfinished"
+
+
+def history(res) -> list[dict[str, Any]]:
+    """The trial's reports; where a step was reported twice (an attempt that restarted from an
+    earlier checkpoint, or a resumed sweep), the last report wins, so each step appears once.
+    The frame is the union of every report's keys: a NaN there is a metric this report did not
+    carry (head_acc in a train row), so it is dropped rather than written as a row."""
+    df = res.metrics_dataframe
+    if df is None or df.empty:
+        return []
+    if {"step", "split"} <= set(df.columns):
+        df = df.drop_duplicates(["step", "split"], keep="last")
+    reports = ({k: v for k, v in rep.items() if not (isinstance(v, float) and math.isnan(v))}
+               for rep in df.to_dict("records"))
+    return [rep for rep in reports if "step" in rep]
+
+
+def attempts(tune_trial, status: str) -> int:
+    """Runs of a trial: every failure counts one, plus the run that succeeded (or still runs)."""
+    failures = getattr(tune_trial, "num_failures", 0)
+    return failures + (status != "failed")
+
+
+def trial_rows(res, cfg: SweepConfig, tune_trial, sha: str, vers: str) -> tuple[list[dict], dict]:
+    """Long result rows of one trial and its line in the end-of-sweep table."""
+    trial = resolve(cfg, res.config)
+    status = trial_status(res, trial, tune_trial)
+    error = results.error_text(res.error)
+    overrides = res.config.get("overrides") or {}
+    tree = trial.to_dict() | ({"params": overrides} if overrides else {})  # grid/search values
+    fields = results.trial_fields(tree, trial_name(trial), trial.hash(), status, error, sha, vers)
+    rows = results.long_rows(history(res), fields)
+    if status == "failed":
+        rows.append({**fields, "step": -1, "split": "status", "metric": "failed", "value": 1.0,
+                     "stderr": float("nan"), "higher_is_better": False})
+    metrics = res.metrics or {}
+    line = {"trial": trial_name(trial), "variant": trial.variant, "seed": trial.seed,
+            "status": status, "attempts": attempts(tune_trial, status),
+            "wall_s": metrics.get("time_total_s", math.nan),
+            "head_acc": metrics.get("head_acc", math.nan) if status == "ok" else math.nan,
+            "params": ", ".join(f"{k}={v}" for k, v in overrides.items())}
+    return rows, line
+
+
+TRIAL_COLUMNS = ["trial", "variant", "seed", "status", "attempts", "wall_s", "head_acc", "params"]
+
+
+def collect(grid, cfg: SweepConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long rows from every trial of a ResultGrid (a failed trial keeps its rows and its error),
+    and one line per trial (the end-of-sweep summary, ``trials.csv``)."""
     sha, vers = results.git_sha(), results.versions()
-    rows: list[dict[str, Any]] = []
-    for res in grid:
-        trial = cfg.trial(res.config["strategy"], int(res.config["seed"]))
-        status = "failed" if res.error else "ok"
-        error = "" if not res.error else f"{type(res.error).__name__}: {res.error}"[:2000]
-        fields = results.trial_fields(trial.to_dict(), trial_name(trial), trial.hash(), status,
-                                      error, sha, vers)
-        history = res.metrics_dataframe.to_dict("records") if res.metrics_dataframe is not None else []
-        trial_rows = results.long_rows(history, fields)
-        if status == "failed":
-            trial_rows.append({**fields, "step": -1, "split": "status", "metric": "failed",
-                               "value": 1.0, "stderr": float("nan"), "higher_is_better": False})
-        rows.extend(trial_rows)
-    return results.frame(rows)
+    rows, lines = [], []
+    for res, tune_trial in zip(grid, tune_trials(grid)):
+        trial_long, line = trial_rows(res, cfg, tune_trial, sha, vers)
+        rows.extend(trial_long)
+        lines.append(line)
+    return results.frame(rows), pd.DataFrame(lines, columns=TRIAL_COLUMNS)
+
+
+def trials_path(cfg: SweepConfig) -> Path:
+    return Path(cfg.output_dir) / "trials.csv"
+
+
+def read_trials(path: str | Path) -> pd.DataFrame | None:
+    """The per-trial summary of the sweep file's last run, or None when there is none."""
+    csv = trials_path(load(path))
+    return pd.read_csv(csv, keep_default_na=False, na_values=[""]) if csv.exists() else None
+
+
+def format_trials(table: pd.DataFrame) -> str:
+    """One line per trial: trial, variant, seed, status, attempts, wall s, final head_acc."""
+    if table is None or table.empty:
+        return "(no trials)"
+    if not table["params"].fillna("").astype(str).str.len().any():
+        table = table.drop(columns="params")
+    with pd.option_context("display.width", 200, "display.max_colwidth", 80,
+                           "display.float_format", "{:.4g}".format):
+        return table.to_string(index=False)
+
+
+# ---------------------------------------------------------------- entry points
+def check_fresh(cfg: SweepConfig, path, resume: bool, overwrite: bool) -> None:
+    """Refuse to run over an earlier sweep (or its Ray Train runs) unless asked to."""
+    exp = experiment_dir(cfg)
+    earlier = exp.exists() or any(exp.parent.glob("train-*"))
+    if earlier and not (resume or overwrite):
+        raise ConfigError(f"{path}: output_dir: {exp} already holds a sweep; pass --resume to "
+                          "finish it or --overwrite to start again")
+    if overwrite and exp.parent.exists():
+        shutil.rmtree(exp.parent)
+
+
+def check_same_sweep(cfg: SweepConfig, raw: dict[str, Any], resume: bool) -> None:
+    """A resumed sweep must run the file it started with: Tune restores its own copy of the
+    trial list, while the trials would read the edited file."""
+    snap = experiment_dir(cfg).parent / "sweep.json"
+    text = json.dumps(raw, sort_keys=True, default=str)
+    if resume and snap.exists() and snap.read_text() != text:
+        raise ConfigError(f"{cfg.source_file}: the file changed since this sweep started (see {snap}); "
+                          "resume with the original file, or pass --overwrite to start again")
+    snap.parent.mkdir(parents=True, exist_ok=True)
+    snap.write_text(text)
 
 
 def run_sweep(path: str | Path, resume: bool = False, overwrite: bool = False,
               address: str | None = None, verbose: bool = False) -> pd.DataFrame:
     cfg = load(path)
-    exp = experiment_dir(cfg)
-    if exp.exists() and not (resume or overwrite):
-        raise ConfigError(f"{path}: output_dir: {exp} already holds a sweep; pass --resume to "
-                          "finish it or --overwrite to start again")
-    if overwrite and exp.exists():
-        shutil.rmtree(exp.parent)
+    raw = raw_config(path)
+    check_fresh(cfg, path, resume, overwrite)
+    check_same_sweep(cfg, raw, resume)
     init_ray(address, verbose)
     start = time.perf_counter()
-    grid = make_tuner(cfg, raw_config(path), resume).fit()
-    df = collect(grid, cfg)
+    grid = make_tuner(cfg, raw, resume).fit()
+    df, trials = collect(grid, cfg)
     out = results.write_parquet_atomic(df, Path(cfg.output_dir) / "results.parquet")
+    trials.to_csv(trials_path(cfg), index=False)
     log.warning("sweep %s: %d trials, %d rows -> %s (%.0f s)", cfg.name, len(grid), len(df), out,
                 time.perf_counter() - start)
     return df
@@ -118,20 +254,20 @@ def run_sweep(path: str | Path, resume: bool = False, overwrite: bool = False,
 
 def run_single(path: str | Path, strategy: str, seed: int | None = None,
                address: str | None = None, verbose: bool = False) -> pd.DataFrame:
-    """One trial through Ray Train, without Tune (``genrep-bench train``), for debugging."""
+    """One trial through Ray Train, without Tune (``genrep-bench train``), for debugging.
+    ``strategy`` may be any strategy or one of the sweep's named variants."""
     from harness.trial import fit
 
     cfg = load(path)
-    trial = cfg.trial(strategy, cfg.seeds[0] if seed is None else seed)
-    if strategy not in cfg.strategies and strategy != "separate":
+    if strategy not in cfg.labels() and strategy != "separate":
         from genrep import strategies
 
         strategies.get(strategy)  # an unknown name raises, listing the known ones
+    trial = cfg.arm(strategy, cfg.seeds[0] if seed is None else seed)
     init_ray(address, verbose)
     storage = str(Path(cfg.output_dir).resolve() / "ray")
     res = fit(trial, prepare_data(cfg), storage, f"single-{trial_name(trial)}", in_tune=False)
     fields = results.trial_fields(trial.to_dict(), trial_name(trial), trial.hash(),
-                                  "failed" if res.error else "ok", str(res.error or ""),
+                                  "failed" if res.error else "ok", results.error_text(res.error),
                                   results.git_sha(), results.versions())
-    history = res.metrics_dataframe.to_dict("records") if res.metrics_dataframe is not None else []
-    return results.frame(results.long_rows(history, fields))
+    return results.frame(results.long_rows(history(res), fields))

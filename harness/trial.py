@@ -7,13 +7,15 @@ instead the Tune function builds the trainer and ``TuneReportCallback`` forwards
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from harness.config import SweepConfig, TrialConfig, from_dict
+from harness.config import SweepConfig, TrialConfig, from_dict, replace_path  # noqa: F401
 from harness.data import ensure_packed, load_manifest, shard_urls
 from harness.worker import train_loop
 
@@ -26,12 +28,29 @@ def data_root(sweep: SweepConfig) -> Path:
     return Path(root).expanduser().resolve()
 
 
+SPLITS = ("train", "val", "test")
+
+
+def url_patterns(urls: str | dict[str, str]) -> dict[str, str]:
+    """Shard URL patterns per split from ``data.urls``: one pattern in which only ``{split}`` is
+    replaced (``str.format`` would choke on brace ranges like ``{00000..00049}``), or a mapping
+    split -> pattern when the splits have different shard counts."""
+    if isinstance(urls, dict):
+        return {s: urls[s] for s in SPLITS}
+    return {s: urls.replace("{split}", s) for s in SPLITS}
+
+
+def urls_key(urls: str | dict[str, str]) -> str:
+    """A stable name for a URL-addressed dataset (the reference classifier's cache key)."""
+    blob = json.dumps(urls, sort_keys=True).encode()
+    return f"urls-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
 def prepare_data(sweep: SweepConfig) -> dict[str, Any]:
     """Pack the dataset on first use (driver side) and return the shard URLs per split."""
     d = sweep.data
     if d.urls:
-        return {s: d.urls.format(split=s) for s in ("train", "val", "test")} | {
-            "cache": str(data_root(sweep)), "key": d.urls}
+        return url_patterns(d.urls) | {"cache": str(data_root(sweep)), "key": urls_key(d.urls)}
     params = dict(shard_size=d.shard_size, image_size=d.image_size, split=d.split, seed=0)
     if d.count is not None:
         params["count"] = d.count
@@ -91,14 +110,18 @@ def fit(cfg: TrialConfig, urls: dict[str, Any], storage: str, name: str, in_tune
         scaling_config=scaling_config(cfg), torch_config=torch_config(cfg),
         run_config=RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
+            # Under Tune, Tune retries the whole trial (FailureConfig in harness.sweep), so a trial
+            # is attempted 1 + max_failures times in all, not (1 + max_failures)²; every attempt
+            # resumes from the run's latest checkpoint (same run name and storage: Ray Train V2
+            # reloads its checkpoint manager's snapshot).
+            failure_config=FailureConfig(max_failures=0 if in_tune else cfg.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": worker_env()}))
     return trainer.fit()
 
 
 def trial_name(cfg: TrialConfig) -> str:
-    return f"{cfg.strategy.name}-seed{cfg.seed}-{cfg.hash()}"
+    return f"{cfg.variant}-seed{cfg.seed}-{cfg.hash()}"
 
 
 def run_trial(params: dict[str, Any], sweep: dict[str, Any], urls: dict[str, Any], storage: str) -> None:
@@ -108,28 +131,15 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], urls: dict[str, Any
     cfg = resolve(from_dict(sweep["raw"], sweep["file"]), params)
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
     start = time.perf_counter()
-    log.warning("trial start: strategy=%s seed=%d", cfg.strategy.name, cfg.seed)
+    log.warning("trial start: %s (strategy %s) seed=%d", cfg.variant, cfg.strategy.name, cfg.seed)
     fit(cfg, {**urls, "trial_dir": str(trial_dir)}, storage, f"train-{trial_name(cfg)}", in_tune=True)
-    log.warning("trial end: strategy=%s seed=%d wall=%.1fs", cfg.strategy.name, cfg.seed,
+    log.warning("trial end: %s seed=%d wall=%.1fs", cfg.variant, cfg.seed,
                 time.perf_counter() - start)
 
 
 def resolve(sweep: SweepConfig, params: dict[str, Any]) -> TrialConfig:
-    """The trial config for Tune's ``params``: strategy, seed, and any dotted-path overrides."""
-    import dataclasses
-
-    cfg = sweep.trial(params["strategy"], int(params["seed"]))
-    for path, value in params.get("overrides", {}).items():
-        cfg = replace_path(cfg, path.split("."), value)
-    return dataclasses.replace(cfg)
-
-
-def replace_path(obj, path: list[str], value):
-    """A copy of a frozen dataclass tree with the field at ``path`` set to ``value``."""
-    import dataclasses
-
-    head, rest = path[0], path[1:]
-    if isinstance(obj, dict):
-        return {**obj, head: replace_path(obj.get(head, {}), rest, value) if rest else value}
-    current = getattr(obj, head)
-    return dataclasses.replace(obj, **{head: replace_path(current, rest, value) if rest else value})
+    """The trial config for Tune's ``params``: the arm (``variant``: a strategy or a named variant;
+    ``strategy`` in experiments started before variants existed), the seed, and any dotted-path
+    ``overrides`` from a grid or a search."""
+    label = params.get("variant", params.get("strategy"))
+    return sweep.arm(label, int(params["seed"]), params.get("overrides") or {})

@@ -1,5 +1,8 @@
 """Proof of exactness: W data-parallel DeepSpeed workers = 1 worker on the concatenated batch.
 
+The decision uses the Gram matrix of the global gradients (reduce-scatter + partial Grams +
+all-reduce) and each rank combines its local gradients with the global weights.
+
 Real DeepSpeed engines on the gloo backend in real processes (torch.multiprocessing), the real
 training step of the harness (JointStep: teacher, losses, task gradients, all-reduce, strategy,
 surrogate backward, engine.step). The strategy's decision must be taken on the global gradients;
@@ -39,7 +42,9 @@ def run_rank(rank: int, world: int, port: int, raw: dict, strategies: list[str],
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
     for name in strategies:
-        cfg = from_dict({**raw, "strategies": [name], "deepspeed": {"zero_stage": zero}}).trials()[0]
+        strategy, _, granularity = name.partition("/")
+        cfg = from_dict({**raw, "strategies": [strategy], "granularity": granularity or "vector",
+                         "deepspeed": {"zero_stage": zero}}).trials()[0]
         shard = Shard(rank, world, GLOBAL_BATCH // world)
         step_fn = make_step(cfg, shard, torch.device("cpu"))
         tel = []
@@ -66,11 +71,16 @@ def train(world: int, strategies: list[str], zero: int, tmp_path) -> dict:
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
 def test_two_workers_equal_one_worker(zero, tmp_path):
-    names = ["sum", "pcgrad", "genrep"]
+    names = ["sum", "pcgrad", "genrep", "genrep/tensor"]
     one, two = train(1, names, zero, tmp_path), train(2, names, zero, tmp_path)
     for name in names:
         diff = (one[name]["params"] - two[name]["params"]).abs().max().item()
-        assert diff < 1e-5, f"{name}, ZeRO-{zero}: max |Δθ| = {diff:.3g}"
+        # Per-tensor Grams of tensors with near-zero gradients carry more relative round-off,
+        # which Adam's normalisation amplifies: seen up to 3e-5 (0.3% of one lr step) there,
+        # below 1e-6 for whole-vector granularity.
+        tol = 1e-4 if name.endswith("/tensor") else 1e-5
+        assert diff < tol, f"{name}, ZeRO-{zero}: max |Δθ| = {diff:.3g}"
         assert one[name]["cos"] == pytest.approx(two[name]["cos"], abs=1e-5)
     # the strategies really differ from each other (the comparison is not vacuous)
     assert (one["sum"]["params"] - one["pcgrad"]["params"]).abs().max() > 1e-4
+    assert (one["genrep"]["params"] - one["genrep/tensor"]["params"]).abs().max() > 1e-4

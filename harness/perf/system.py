@@ -1,0 +1,189 @@
+"""P4-P7: the data loader, concurrent trials, ZeRO's memory saving, the smoke sweep's wall time.
+
+P4  webdataset loader images/s (PNG decode, 1 thread, no DataLoader workers: what a worker with
+    ``num_workers: 0`` does between steps) ÷ the harness training step's images/s (P1's ``sum``);
+P5  2 tiny real Ray Tune trials through ``run_sweep``: serial wall (max_concurrent 1) ÷
+    concurrent wall (max_concurrent 2);
+P6  optimizer-state bytes per worker, ZeRO-2 ÷ ZeRO-0, real engines in 2 spawned gloo processes;
+P7  ``genrep-bench sweep sweeps/smoke.yaml`` wall time, in a fresh process, into a temp dir
+    (packed shards and the reference classifier come from the shared cache: a warm-cache figure).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from harness.perf.common import Row, Settings, free_port, load_average, plain, process_group
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------- P4
+def p4_row(settings: Settings, step: dict[str, Any]) -> Row:
+    from harness.data import ensure_packed, load_manifest, loader_throughput
+    from harness.trial import data_root
+
+    d = settings.sweep.data
+    params = dict(shard_size=d.shard_size, image_size=d.image_size, split=d.split, seed=0)
+    if d.count is not None:
+        params["count"] = d.count
+    manifest = ensure_packed(d.source, data_root(settings.sweep), **params)  # as prepare_data packs
+    seconds = 1.0 if settings.quick else 3.0
+    runs = [loader_throughput(load_manifest(manifest), batch_size=step["batch"], seconds=seconds)
+            for _ in range(1 if settings.quick else 3)]
+    loader = sorted(runs)[len(runs) // 2]
+    raw = {"loader_images_per_s": loader, "loader_runs": runs, "seconds_per_run": seconds,
+           "step_images_per_s": step["step_images_per_s"],
+           "step_images_per_s_default_teacher": step["step_images_per_s_kd"], "batch": step["batch"]}
+    return Row("P4", "loader images/s (1 thread, PNG decode) ÷ training step images/s (sum, teacher off)",
+               loader / step["step_images_per_s"], ">=", 10.0, raw)
+
+
+# ---------------------------------------------------------------- P5
+def p5_sweep(settings: Settings, out: Path, concurrent: int) -> dict[str, Any]:
+    """The base sweep cut to 2 short trials (2 seeds of ``sum``) with ``max_concurrent``."""
+    from harness.trial import data_root
+
+    base, steps = plain(settings.sweep), p5_steps(settings)
+    return {**base, "name": f"perf-p5-c{concurrent}", "output_dir": str(out / f"c{concurrent}"),
+            "strategies": ["sum"], "seeds": [0, 1],
+            "data": {**base["data"], "root": str(data_root(settings.sweep))},
+            "train": {**base["train"], "steps": steps, "log_every": steps},
+            "eval": {**base["eval"], "mc_images": 16, "samples_per_class": 1, "ddim_steps": 4},
+            "resources": {**base["resources"], "workers": 1, "max_concurrent": concurrent,
+                          "max_failures": 0}}
+
+
+def p5_steps(settings: Settings) -> int:
+    return 20 if settings.quick else 60
+
+
+def warm_reference(settings: Settings) -> None:
+    """Train (or load) the cached reference classifier now, so neither timed sweep pays for it."""
+    from harness.evaluate import reference_classifier
+    from harness.evaluate_trial import load_split
+    from harness.trial import prepare_data
+
+    urls = prepare_data(settings.sweep)
+    val, train = load_split(urls[settings.sweep.eval.split]), load_split(urls["train"])
+    reference_classifier(Path(urls["cache"]) / "reference", urls["key"], *train, *val, seed=0)
+
+
+def p5_row(settings: Settings) -> Row:
+    import ray
+
+    from harness.sweep import init_ray, run_sweep
+
+    warm_reference(settings)
+    init_ray()
+    walls, loads = {}, {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="genrep-perf-p5-") as tmp:
+            for concurrent in (1, 2):
+                path = Path(tmp) / f"c{concurrent}.yaml"
+                path.write_text(yaml.safe_dump(p5_sweep(settings, Path(tmp), concurrent)))
+                loads[concurrent] = load_average()
+                start = time.perf_counter()
+                df = run_sweep(path, overwrite=True)
+                walls[concurrent] = time.perf_counter() - start
+                if not (df["status"] == "ok").all():
+                    raise RuntimeError(f"P5: a trial failed (max_concurrent {concurrent})")
+    finally:
+        ray.shutdown()
+    raw = {"serial_wall_s": walls[1], "concurrent_wall_s": walls[2], "trials": 2,
+           "steps_per_trial": p5_steps(settings), "load_before": loads}
+    return Row("P5", "serial ÷ concurrent wall, 2 Ray Tune trials on 2 cores", walls[1] / walls[2],
+               ">=", 1.8, raw)
+
+
+# ---------------------------------------------------------------- P6
+def _p6_rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    from harness.config import from_dict
+    from harness.engine import optimizer_state_bytes
+    from harness.perf.common import synthetic_batch
+    from harness.step import Shard, make_step
+
+    sweep = from_dict(raw)
+    result = {}
+    with process_group(rank, world, port):
+        for zero in (0, 2):
+            cfg = trial_for(sweep, zero, world)
+            shard = Shard(rank, world, cfg.train.batch_size // world)
+            step_fn = make_step(cfg, shard, torch.device("cpu"))
+            x, y = synthetic_batch(cfg)
+            step_fn(shard.take(x), shard.take(y), 0)  # optimizer state exists after the first step
+            result[zero] = optimizer_state_bytes(step_fn.net.engine)
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, result)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+
+
+def trial_for(sweep, zero: int, world: int):
+    from harness.config import apply_overrides
+
+    cfg = sweep.trial("sum", sweep.seeds[0])
+    return apply_overrides(cfg, {"deepspeed.zero_stage": zero, "method.beta_kd": 0.0,
+                                 "train.batch_size": 2 * world})
+
+
+def p6_row(settings: Settings) -> Row:
+    raw_sweep = plain(settings.sweep)
+    with tempfile.TemporaryDirectory(prefix="genrep-perf-p6-") as tmp:
+        out = str(Path(tmp) / "p6.json")
+        mp.spawn(_p6_rank, args=(2, free_port(), raw_sweep, out), nprocs=2, join=True)
+        ranks = json.loads(Path(out).read_text())
+    z0 = max(r["0"] for r in ranks)
+    z2 = max(r["2"] for r in ranks)
+    raw = {"zero0_bytes_per_worker": [r["0"] for r in ranks],
+           "zero2_bytes_per_worker": [r["2"] for r in ranks], "workers": 2}
+    return Row("P6", "optimizer-state bytes per worker, ZeRO-2 ÷ ZeRO-0 (2 workers)", z2 / z0,
+               "<=", 0.55, raw)
+
+
+# ---------------------------------------------------------------- P7
+SMOKE = ROOT / "sweeps" / "smoke.yaml"
+
+
+def p7_measure() -> dict[str, Any]:
+    from harness.config import load
+    from harness.trial import data_root
+
+    raw = yaml.safe_load(SMOKE.read_text())
+    root = str(data_root(load(SMOKE)))  # the shared cache a real run would use
+    with tempfile.TemporaryDirectory(prefix="genrep-perf-p7-") as tmp:
+        path = Path(tmp) / "smoke.yaml"
+        path.write_text(yaml.safe_dump({**raw, "output_dir": str(Path(tmp) / "smoke"),
+                                        "data": {**raw["data"], "root": root}}))
+        load_before, start = load_average(), time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", str(path), "--overwrite"],
+                              capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"P7: the smoke sweep failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"wall_s": wall, "load_before": load_before, "load_after": load_average(),
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def p7_row(settings: Settings, previous: dict[str, Any] | None) -> Row:
+    """Measured now, or with --quick the last measured figure from ``<out>/perf.json``."""
+    if settings.quick:
+        if not previous:
+            return Row("P7", "smoke sweep wall time (minutes)", float("nan"), "<=", 10.0,
+                       note="not measured (--quick) and no earlier perf.json")
+        return Row("P7", previous["ratio"], previous["measured"], "<=", 10.0, previous["raw"],
+                   note=f"last measured {previous['raw'].get('measured_at', '?')} (--quick)")
+    raw = p7_measure()
+    return Row("P7", "smoke sweep wall time (minutes)", raw["wall_s"] / 60, "<=", 10.0, raw)

@@ -1,0 +1,185 @@
+"""Faults injected on purpose: each one is survived or reported, and nothing is lost.
+
+- a results write that crashes half-way (or in the rename) leaves the previous table intact;
+- a non-finite loss stops its trial with an error naming the step and the loss;
+- (slow, Ray) a Train worker SIGKILLed mid-trial restarts from its last checkpoint and ends with
+  bitwise the metrics of an undisturbed run;
+- (slow, Ray) a trial whose loss turns NaN is a `failed` row of the sweep; the other trial is ok.
+
+The fault hooks are environment variables read by harness.worker (GENREP_FAULT_*; see
+docs/reliability.md).
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from harness import results
+from harness.results import ResultsError, read_results, write_parquet_atomic
+from harness.step import NonFiniteLoss, check_finite
+
+# wall-clock and memory metrics are not expected to repeat
+NOT_DETERMINISTIC = {"step_time", "images_per_s", "rss_mb", "eval_seconds"}
+
+
+# ---------------------------------------------------------------- atomic results
+def table(value: float) -> pd.DataFrame:
+    fields = results.trial_fields({"strategy": {"name": "sum"}, "seed": 0}, "sum-seed0-x", "x" * 12,
+                                  "ok", "", "sha", "{}")
+    return results.frame(results.long_rows([{"step": 1, "split": "train", "loss_gen": value}], fields))
+
+
+@pytest.fixture
+def previous(tmp_path):
+    """A results file from an earlier, good write (loss_gen = 1.0), and its bytes."""
+    path = write_parquet_atomic(table(1.0), tmp_path / "results.parquet")
+    return path, path.read_bytes()
+
+
+def assert_untouched(path, before):
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left
+    assert read_results(path)["value"].tolist() == [1.0]
+
+
+@pytest.mark.parametrize("crash", [RuntimeError, KeyboardInterrupt])
+def test_crash_midway_through_the_write_keeps_the_previous_file(previous, monkeypatch, crash):
+    path, before = previous
+    real = pd.DataFrame.to_parquet
+
+    def half_then_crash(self, f, **kw):
+        buf = io.BytesIO()
+        real(self, buf, **kw)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise crash("simulated crash while writing")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", half_then_crash)
+    with pytest.raises(crash, match="simulated"):
+        write_parquet_atomic(table(2.0), path)
+    assert_untouched(path, before)
+
+
+def test_crash_in_the_rename_keeps_the_previous_file(previous, monkeypatch):
+    path, before = previous
+
+    def no_rename(src, dst):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError, match="simulated"):
+        write_parquet_atomic(table(2.0), path)
+    assert_untouched(path, before)
+
+
+def test_reader_rejects_a_truncated_file_naming_it(previous):
+    path, before = previous
+    path.write_bytes(before[: len(before) // 2])  # what a non-atomic writer leaves on a crash
+    with pytest.raises(ResultsError, match=f"{path}: unreadable results file"):
+        read_results(path)
+    path.write_bytes(b"")
+    with pytest.raises(ResultsError, match=str(path)):
+        read_results(path.parent)  # a directory means its results.parquet
+
+
+def test_a_long_error_keeps_its_root_cause_for_the_table():
+    """Ray wraps a worker's exception in a long traceback; the cause is its last line."""
+    wrapped = RuntimeError("\x1b[36mray::train()\x1b[39m\n" + "  File ...\n" * 500
+                           + "harness.step.NonFiniteLoss: step 2: non-finite loss_gen")
+    text = results.error_text(wrapped)
+    assert len(text) <= 2000 and "\x1b" not in text
+    assert text.startswith("RuntimeError: ray::train()")
+    assert text.endswith("NonFiniteLoss: step 2: non-finite loss_gen")
+    assert results.error_text(None) == ""
+
+
+# ---------------------------------------------------------------- non-finite losses
+@pytest.mark.parametrize("bad, name", [("loss_gen", "loss_gen"), ("loss_perc", "loss_perc")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_loss_names_the_step_and_the_loss(bad, name, value):
+    losses = {"loss_perc": torch.tensor(0.5), "loss_gen": torch.tensor(0.25)} | {bad: torch.tensor(value)}
+    with pytest.raises(NonFiniteLoss, match=rf"step 7: non-finite {name} \(on this rank: {name} = "):
+        check_finite(7, **losses)
+    check_finite(7, loss_perc=torch.tensor(0.5), loss_gen=torch.tensor(0.25))  # finite: silent
+
+
+def test_both_losses_non_finite_are_both_named():
+    with pytest.raises(NonFiniteLoss, match="non-finite loss_perc and loss_gen"):
+        check_finite(0, loss_perc=torch.tensor(float("nan")), loss_gen=torch.tensor(float("inf")))
+
+
+# ---------------------------------------------------------------- Ray: kill and NaN (slow)
+def run_sweep_with(tmp_path, tiny, monkeypatch, name: str, env: dict[str, str], **sections):
+    """run_sweep on a fresh embedded cluster started with ``env`` set: every Ray process inherits it.
+
+    The sweep path, not run_single: under Ray Train V2 a TorchTrainer's own Result keeps only the
+    metrics attached to retained checkpoints, while Tune receives every report."""
+    import ray
+
+    from harness.sweep import init_ray, run_sweep
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    raw = tiny(**sections)
+    raw["output_dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    ray.shutdown()
+    init_ray()
+    try:
+        run_sweep(path)
+    finally:
+        ray.shutdown()
+        for key in env:
+            monkeypatch.delenv(key)
+    return read_results(tmp_path / name)  # the table on disk, not a returned frame
+
+
+def comparable(df: pd.DataFrame) -> pd.Series:
+    """value by (step, split, metric) for the metrics that must repeat, the last report winning.
+
+    NaN values are the metrics a report did not carry (Tune's table is the union of all reports)."""
+    df = df[~df["metric"].isin(NOT_DETERMINISTIC) & df["value"].notna()]
+    return df.groupby(["step", "split", "metric"])["value"].last()
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint_to_identical_metrics(tmp_path, tiny, monkeypatch):
+    """Under Tune the dead attempt fails the trial; Tune retries it (resources.max_failures) and
+    the new TorchTrainer, same run name and storage, restores the run's latest checkpoint."""
+    sections = dict(strategies=["genrep"], train={"steps": 12, "log_every": 2, "checkpoint_every": 4},
+                    resources={"max_failures": 1}, data={"shuffle_buffer": 32})
+    clean = run_sweep_with(tmp_path, tiny, monkeypatch, "clean", {}, **sections)
+    # 0-based step 7: 7 steps done, the last checkpoint at 4; steps 4-6 are lost and re-run
+    killed = run_sweep_with(tmp_path, tiny, monkeypatch, "killed",
+                            {"GENREP_FAULT_KILL_AT_STEP": "7"}, **sections)
+
+    markers = list((tmp_path / "killed" / "ray").rglob("genrep-fault-kill-*-step7"))
+    assert len(markers) == 1, "the kill hook did not fire"
+    # Tune keeps the dead attempt's reports; a restart from scratch would report step 2 again
+    first = killed[(killed["metric"] == "loss_gen") & (killed["split"] == "train")]
+    assert first["step"].value_counts()[2] == 1, first["step"].tolist()
+    assert (clean["status"] == "ok").all() and (killed["status"] == "ok").all(), killed["error"].iloc[0]
+    a, b = comparable(clean), comparable(killed)
+    assert (a.index.get_level_values("split") == "val").sum() > 5 and b.index.equals(a.index)
+    pd.testing.assert_series_equal(a, b, rtol=0, atol=1e-6)  # held-out metrics and every report
+    assert (a == b).all(), (a[a != b], b[a != b])  # and in fact bitwise
+
+
+@pytest.mark.slow
+def test_nan_loss_fails_its_trial_with_the_reason_and_the_sweep_goes_on(tmp_path, tiny, monkeypatch):
+    df = run_sweep_with(tmp_path, tiny, monkeypatch, "nan", {"GENREP_FAULT_NAN_AT_STEP": "2:genrep"},
+                        strategies=["sum", "genrep"])
+    by = df.groupby("strategy")
+    assert set(by.get_group("sum")["status"]) == {"ok"}
+    assert set(by.get_group("sum")["split"]) == {"train", "val"}
+    bad = by.get_group("genrep")
+    assert set(bad["status"]) == {"failed"}
+    error = bad["error"].iloc[0]
+    assert "NonFiniteLoss" in error and "step 2: non-finite loss_perc" in error, error
+    assert ((bad["split"] == "status") & (bad["metric"] == "failed")).sum() == 1
+    assert 2 in set(bad.loc[bad["split"] == "train", "step"])  # what it reported before is kept

@@ -1,0 +1,76 @@
+"""``genrep-bench perf --quick`` on a tiny sweep, so the command cannot silently rot.
+
+Real engines, real loader, real spawned ZeRO workers and memory subprocesses; P5 (Ray trials) and
+P7 (the smoke sweep) are left out and P3b classifies with an untrained model (``--p3b-steps 0``).
+Only the table's shape and that every measured number is positive and finite are checked: timing
+thresholds on a shared 2-core machine would be flaky, and the quick figures are not quotable.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import yaml
+
+from harness.cli import main
+
+pytestmark = pytest.mark.slow
+EXPECTED = {"P1", "P2", "P3", "P3b", "P4", "P6"}
+
+
+def numbers(value):
+    """Every number inside a raw entry (nested dicts and lists included)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield float(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from numbers(v)
+
+
+def test_perf_quick_writes_a_complete_table(tmp_path, tiny, capsys):
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(yaml.safe_dump(tiny()))
+    out = tmp_path / "perf"
+    rc = main(["perf", "--quick", "--repeats", "2", "--sweep", str(sweep), "--out", str(out),
+               "--skip", "P3acc,P5,P7", "--p3b-steps", "0"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+
+    blob = json.loads((out / "perf.json").read_text())
+    rows = blob["rows"]
+    assert {r["id"] for r in rows} == EXPECTED
+    assert sum(r["id"] == "P2" for r in rows) == 4  # genrep and pcgrad, teacher off and on
+    for r in rows:
+        assert math.isfinite(r["measured"]) and r["measured"] > 0, r
+        assert r["pass"] in (True, False, None), r
+        assert all(math.isfinite(v) for v in numbers(r["raw"])), (r["id"], r["raw"])
+    step = {r["ratio"]: r for r in rows if r["id"] == "P3"}
+    for r in step.values():
+        for name in ("sum_off", "sum_kd", "sum_full"):
+            if name in r["raw"]:
+                assert r["raw"][name]["peak_rss_mb"] > 0 and r["raw"][name]["median_s"] > 0
+
+    meta = blob["meta"]
+    env = meta["environment"]
+    assert env["torch_threads"] == 1 and env["cpu_model"] and env["versions"]["torch"]
+    assert len(meta["load_start"]) == 3 and len(meta["load_end"]) == 3
+
+    with open(out / "perf.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["id"] for r in table] == [r["id"] for r in rows]
+    assert set(table[0]) == {"id", "ratio", "measured", "target", "pass", "raw", "note"}
+    assert (out / "perf.md").read_text().count("\n| P") == len(rows)
+    for r in rows:
+        assert r["id"] in printed
+
+
+def test_perf_rejects_unknown_ids(tmp_path, capsys):
+    assert main(["perf", "--only", "P1,P9", "--out", str(tmp_path)]) == 2
+    assert "P9" in capsys.readouterr().err

@@ -1,0 +1,119 @@
+"""Resume and failure semantics of a sweep, on the real stack, through the CLI in a subprocess.
+
+- A sweep whose driver is SIGKILLed (with its embedded Ray) after the first trial finished is
+  finished by ``--resume``: the finished trial is not run again, the other one runs, and every
+  (strategy, seed) ends with exactly one set of rows.
+- A trial that raises is attempted 1 + resources.max_failures times, then recorded as failed with
+  its error; the sweep goes on, and the CLI exits non-zero naming it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from harness import results
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def command(path: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "harness.cli", "sweep", str(path), *flags]
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def finished_in_state(exp: Path) -> list[str]:
+    """Trial ids that Tune's last saved experiment state records as TERMINATED."""
+    done = []
+    for state in exp.glob("experiment_state-*.json"):
+        try:
+            data = json.loads(state.read_text())
+        except (json.JSONDecodeError, OSError):  # being rewritten right now
+            continue
+        for trial_json, _ in data.get("trial_data", []):
+            trial = json.loads(trial_json)
+            if trial.get("status") == "TERMINATED":
+                done.append(trial["trial_id"])
+    return done
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep exited (rc {proc.returncode}) before {what}")
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny):
+    raw = tiny(strategies=["sum", "genrep"], resources={"max_concurrent": 1})  # one trial at a time
+    path = write(tmp_path, raw)
+    exp = Path(raw["output_dir"]) / "ray" / "tune"
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(command(path), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: the driver and its Ray
+    try:
+        first = wait_for(lambda: finished_in_state(exp), 600, proc, "a finished trial")
+        os.killpg(proc.pid, signal.SIGKILL)  # a crash, not a polite Ctrl-C
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    assert len(first) == 1, first
+    assert not (Path(raw["output_dir"]) / "results.parquet").exists()  # it really was interrupted
+    done_dir = next(d for d in exp.iterdir() if d.name.startswith(f"run_trial_{first[0]}"))
+    done_results = (done_dir / "result.json").read_text()
+
+    again = subprocess.run(command(path, "--resume"), cwd=ROOT, text=True, capture_output=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert (done_dir / "result.json").read_text() == done_results  # the finished trial did not run
+    df = results.read_results(raw["output_dir"])
+    assert (df["status"] == "ok").all()
+    assert df.groupby(["strategy", "seed"])["trial"].nunique().to_dict() == {("genrep", 0): 1, ("sum", 0): 1}
+    # exactly one set of rows: each (trial, step, split, metric) once, the final report included
+    assert not df.duplicated(["trial", "step", "split", "metric"]).any()
+    assert sorted(df.loc[df["split"] == "train", "step"].unique()) == [2, 4]
+    assert (df[df["metric"] == "head_acc"].groupby("strategy").size() == 1).all()
+    trials = pd.read_csv(Path(raw["output_dir"]) / "trials.csv")
+    assert list(trials["status"]) == ["ok", "ok"]
+
+
+def test_failing_trial_is_retried_then_recorded_and_the_sweep_goes_on(tmp_path, tiny):
+    """`broken` asks for a batch larger than the training split: the worker raises every time."""
+    raw = tiny(strategies=["sum"], resources={"max_failures": 1},
+               variants={"broken": {"strategy": "sum", "overrides": {"train.batch_size": 4096}}},
+               grid={"method.beta_kd": [0.5]})
+    path = write(tmp_path, raw)
+    run = subprocess.run(command(path), cwd=ROOT, text=True, capture_output=True, timeout=900)
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "FAILED trial broken-seed0-" in run.stderr
+    trials = pd.read_csv(Path(raw["output_dir"]) / "trials.csv").set_index("variant")
+    assert trials.loc["sum", "status"] == "ok" and trials.loc["sum", "attempts"] == 1
+    assert trials.loc["broken", "status"] == "failed" and trials.loc["broken", "attempts"] == 2
+    assert (trials["params"] == "method.beta_kd=0.5").all()
+    df = results.read_results(raw["output_dir"])
+    bad = df[df["strategy"] == "broken"]
+    assert set(bad["status"]) == {"failed"} and "no full batch" in bad["error"].iloc[0]
+    assert json.loads(bad["config"].iloc[0])["strategy"]["name"] == "sum"  # label vs strategy run
+    assert ((bad["split"] == "status") & (bad["metric"] == "failed")).sum() == 1
+    assert set(df.loc[df["strategy"] == "sum", "split"]) == {"train", "val"}
