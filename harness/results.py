@@ -70,7 +70,12 @@ def lookup(tree: dict[str, Any], dotted: str) -> Any:
 
 
 def long_rows(history: Iterable[dict[str, Any]], trial: dict[str, Any]) -> list[dict[str, Any]]:
-    """Melt reported rows (one dict per report) into long rows carrying the trial's fields."""
+    """Melt reported rows (one dict per report) into long rows carrying the trial's fields.
+
+    Tune's history table is the union of all reports, so a metric a report did not carry shows
+    up as NaN: NaN values are dropped as "not reported" (a non-finite *loss* never gets here:
+    the step raises ``NonFiniteLoss`` and the trial is recorded as failed).
+    """
     rows = []
     for rep in history:
         for metric, value in rep.items():
@@ -79,6 +84,8 @@ def long_rows(history: Iterable[dict[str, Any]], trial: dict[str, Any]) -> list[
             try:
                 value = float(value)
             except (TypeError, ValueError):
+                continue
+            if math.isnan(value):
                 continue
             if isinstance(rep.get("step"), float) and math.isnan(rep["step"]):
                 continue

@@ -44,8 +44,12 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # A loaded 2-core machine can take over a minute to start a Train worker (torch, deepspeed
+    # and diffusers imports); Ray Train's default 60 s start-up timeout then retries in a loop.
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
+           os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
     quiet = {"logging_level": logging.INFO if verbose else logging.WARNING,
-             "log_to_driver": verbose}
+             "log_to_driver": verbose, "runtime_env": {"env_vars": env}}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **quiet)
@@ -53,7 +57,9 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train V2 needs to
         # clean up the placement groups of finished trials; without it they leak and later
         # trials time out waiting for CPUs.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
+        # address="local": a new cluster even when another one on this machine is recorded in
+        # /tmp/ray/ray_current_cluster (plain ray.init() would silently join that one).
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", **quiet)
 
 
@@ -91,6 +97,36 @@ def tune_config(cfg: SweepConfig):
                            num_samples=search.num_trials(cfg))
 
 
+def trial_log():
+    """A Tune callback: one line per trial start and end (variant, seed, wall time, status).
+
+    The trial's own log lines run in Ray worker processes whose output is not forwarded unless
+    --verbose, so the driver prints these.
+    """
+    from ray.tune import Callback
+
+    class TrialLog(Callback):
+        def __init__(self):
+            self.started: dict[str, float] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.perf_counter()
+            log.warning("trial start: %s seed=%s", trial.config.get("variant"), trial.config.get("seed"))
+
+        def _end(self, trial, status: str):
+            wall = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
+            log.warning("trial end: %s seed=%s %s wall=%.0fs", trial.config.get("variant"),
+                        trial.config.get("seed"), status, wall)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._end(trial, "ok")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._end(trial, "failed")
+
+    return TrialLog()
+
+
 def make_tuner(cfg: SweepConfig, raw: dict[str, Any], resume: bool):
     from ray import tune
 
@@ -112,7 +148,7 @@ def make_tuner(cfg: SweepConfig, raw: dict[str, Any], resume: bool):
     return tune.Tuner(
         trainable, param_space=param_space(cfg), tune_config=tune_config(cfg),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=storage, verbose=1,
+            name=EXPERIMENT, storage_path=storage, verbose=1, callbacks=[trial_log()],
             failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures)))
 
 
@@ -124,13 +160,26 @@ def tune_trials(grid) -> list:
     return list(analysis.trials) if analysis is not None else [None] * len(grid)
 
 
-def trial_status(res, trial: TrialConfig, tune_trial) -> str:
+def saved_statuses(exp: Path) -> dict[str, str]:
+    """trial_id -> status in Tune's last saved experiment state. After a Ctrl-C, Tune saves the
+    state (interrupted trials PENDING or RUNNING) and then, cleaning up, marks its in-memory
+    trials TERMINATED, as if they had ended. Empty when the file cannot be read."""
+    states = sorted(exp.glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    try:
+        data = json.loads(states[-1].read_text()) if states else {}
+        return {t["trial_id"]: t["status"] for t in (json.loads(raw) for raw, _ in data.get("trial_data", []))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def trial_status(res, trial: TrialConfig, tune_trial, saved: dict[str, str]) -> str:
     """ok (final held-out report present), failed, stopped (early, by a scheduler) or unfinished."""
     if res.error:
         return "failed"
     if (res.metrics or {}).get("split") == trial.eval.split:
         return "ok"
-    return "stopped" if getattr(tune_trial, "status", "TERMINATED") == "TERMINATED" else "unfinished"
+    status = saved.get(getattr(tune_trial, "trial_id", None), getattr(tune_trial, "status", "PENDING"))
+    return "stopped" if status == "TERMINATED" else "unfinished"
 
 
 def history(res) -> list[dict[str, Any]]:
@@ -154,12 +203,14 @@ def attempts(tune_trial, status: str) -> int:
     return failures + (status != "failed")
 
 
-def trial_rows(res, cfg: SweepConfig, tune_trial, sha: str, vers: str) -> tuple[list[dict], dict]:
+def trial_rows(res, cfg: SweepConfig, tune_trial, saved: dict[str, str], sha: str,
+               vers: str) -> tuple[list[dict], dict]:
     """Long result rows of one trial and its line in the end-of-sweep table."""
-    trial = resolve(cfg, res.config)
-    status = trial_status(res, trial, tune_trial)
+    params = res.config or tune_trial.config  # a trial that never reported has no Result config
+    trial = resolve(cfg, params)
+    status = trial_status(res, trial, tune_trial, saved)
     error = results.error_text(res.error)
-    overrides = res.config.get("overrides") or {}
+    overrides = params.get("overrides") or {}
     tree = trial.to_dict() | ({"params": overrides} if overrides else {})  # grid/search values
     fields = results.trial_fields(tree, trial_name(trial), trial.hash(), status, error, sha, vers)
     rows = results.long_rows(history(res), fields)
@@ -182,9 +233,9 @@ def collect(grid, cfg: SweepConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Long rows from every trial of a ResultGrid (a failed trial keeps its rows and its error),
     and one line per trial (the end-of-sweep summary, ``trials.csv``)."""
     sha, vers = results.git_sha(), results.versions()
-    rows, lines = [], []
+    rows, lines, saved = [], [], saved_statuses(experiment_dir(cfg))
     for res, tune_trial in zip(grid, tune_trials(grid)):
-        trial_long, line = trial_rows(res, cfg, tune_trial, sha, vers)
+        trial_long, line = trial_rows(res, cfg, tune_trial, saved, sha, vers)
         rows.extend(trial_long)
         lines.append(line)
     return results.frame(rows), pd.DataFrame(lines, columns=TRIAL_COLUMNS)
@@ -270,4 +321,8 @@ def run_single(path: str | Path, strategy: str, seed: int | None = None,
     fields = results.trial_fields(trial.to_dict(), trial_name(trial), trial.hash(),
                                   "failed" if res.error else "ok", results.error_text(res.error),
                                   results.git_sha(), results.versions())
-    return results.frame(results.long_rows(history(res), fields))
+    rows = history(res)
+    final = getattr(res, "return_value", None)
+    if isinstance(final, dict) and not any(r.get("split") == final.get("split") for r in rows):
+        rows.append(final)
+    return results.frame(results.long_rows(rows, fields))

@@ -55,8 +55,12 @@ class Window:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``: ``config = {"trial": TrialConfig dict, "urls": {...}}``."""
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's ``train_loop_per_worker``: ``config = {"trial": TrialConfig dict, "urls": {...}}``.
+
+    Returns the final (held-out) report: Ray Train V2 keeps in ``Result.metrics_dataframe`` only
+    reports that came with a kept checkpoint, so ``genrep-bench train`` reads the final one here.
+    """
     import ray.train
 
     cfg: TrialConfig = trial_from_dict(config["trial"])
@@ -88,10 +92,11 @@ def train_loop(config: dict[str, Any]) -> None:
             report(row, step_fn, loader, done, due_checkpoint(cfg, done))
             window = Window()
     final = evaluate(step_fn, cfg, config["urls"], shard, device)
-    report({**final, **timed.means(), "step": cfg.train.steps, "split": cfg.eval.split, "done": True},
-           step_fn, loader, cfg.train.steps, checkpoint=False)
+    final = {**final, **timed.means(), "step": cfg.train.steps, "split": cfg.eval.split, "done": True}
+    report(final, step_fn, loader, cfg.train.steps, checkpoint=False)
     if dist.is_initialized():
         dist.barrier()
+    return final
 
 
 def due_checkpoint(cfg: TrialConfig, done: int) -> bool:

@@ -184,21 +184,30 @@ class Timed:
     block: int = 1
     next_step: int = 0
 
+    cpu: list[float] = field(default_factory=list)  # process CPU seconds per step, per block
+
     def run_block(self) -> float:
-        """Seconds per step over one block of consecutive steps."""
-        start = time.perf_counter()
+        """Wall seconds per step over one block of consecutive steps (CPU seconds kept aside)."""
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(self.block):
             self.fn(self.x, self.y, self.next_step)
             self.next_step += 1
+        self.cpu.append((time.process_time() - cpu) / self.block)
         return (time.perf_counter() - start) / self.block
 
 
 def time_interleaved(configs: dict[str, Timed], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Per-step seconds of every round for every configuration (see the module docstring)."""
+    """Per-step wall seconds of every round for every configuration (see the module docstring).
+
+    Each configuration's process CPU seconds per step are kept in ``Timed.cpu`` (rounds only):
+    with one torch thread, CPU time is nearly blind to other processes on the machine, so it
+    cross-checks a wall-clock ratio taken under load.
+    """
     names = list(configs)
     for name in names:
         for _ in range(warmup):
             configs[name].run_block()
+        configs[name].cpu.clear()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no position bias
@@ -219,8 +228,9 @@ def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
             "paired_min": paired[0], "paired_max": paired[-1]}
 
 
-def timing_raw(times: list[float]) -> dict[str, float]:
-    return {"median_s": median(times), "min_s": min(times), "max_s": max(times), "rounds": len(times)}
+def timing_raw(times: list[float], cpu: list[float] | None = None) -> dict[str, float]:
+    out = {"median_s": median(times), "min_s": min(times), "max_s": max(times), "rounds": len(times)}
+    return {**out, "cpu_median_s": median(cpu)} if cpu else out
 
 
 def plain(sweep: SweepConfig) -> dict[str, Any]:

@@ -35,7 +35,8 @@ def key_raw(raw: dict[str, Any]) -> str:
     for k, v in raw.items():
         if isinstance(v, dict) and "median_s" in v:
             mem = f", peak {v['peak_rss_mb']:.0f} MiB (+{v['step_peak_mb']:.0f})" if "peak_rss_mb" in v else ""
-            parts.append(f"{k} {1000 * v['median_s']:.1f} ms/step{mem}")
+            cpu = f" (cpu {1000 * v['cpu_median_s']:.1f})" if "cpu_median_s" in v else ""
+            parts.append(f"{k} {1000 * v['median_s']:.1f} ms/step{cpu}{mem}")
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             parts.append(f"{k}={fmt(float(v))}")
     return "; ".join(parts)

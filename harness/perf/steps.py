@@ -82,8 +82,9 @@ def block_of(cfg: TrialConfig, default_block: int) -> int:
     return default_block
 
 
-def measure_steps(settings: Settings) -> tuple[dict[str, list[float]], dict[str, tuple[str, TrialConfig]]]:
-    """Per-step seconds of every configuration, per round (interleaved, warm-up excluded)."""
+def measure_steps(settings: Settings):
+    """Per-step wall and CPU seconds of every configuration, per round (interleaved, warm-up
+    excluded), and the configurations."""
     configs = step_configs(settings)
     default_block = max(4, trial(settings, **teacher_default()).method.mc.every)
     with process_group():
@@ -92,13 +93,18 @@ def measure_steps(settings: Settings) -> tuple[dict[str, list[float]], dict[str,
             x, y = synthetic_batch(cfg)
             timed[name] = Timed(build(kind, cfg), x, y, block_of(cfg, default_block))
         times = time_interleaved(timed, settings.repeats, settings.warmup)
-    return times, configs
+    return times, {n: timed[n].cpu for n in timed}, configs
 
 
-def step_rows(settings: Settings, times: dict[str, list[float]],
+def step_rows(times: dict[str, list[float]], cpu: dict[str, list[float]],
               configs: dict[str, tuple[str, TrialConfig]], memory: dict[str, dict]) -> list[Row]:
     batch = configs["sum_off"][1].train.batch_size
-    raw = lambda *names: {n: {**timing_raw(times[n]), **memory.get(n, {})} for n in names}  # noqa: E731
+
+    def raw(*names):
+        cpu_ratio = median(cpu[names[0]]) / median(cpu[names[1]])
+        return {**{n: {**timing_raw(times[n], cpu[n]), **memory.get(n, {})} for n in names},
+                "cpu_time_ratio": cpu_ratio}
+
     zero = configs["sum_off"][1].deepspeed.zero_stage
     rows = [Row("P1", f"harness sum step (DeepSpeed ZeRO-{zero}, 1 worker) ÷ bare PyTorch loop",
                 ratio_stats(times["sum_off"], times["bare"])["ratio_of_medians"], "<=", 1.05,
@@ -140,14 +146,14 @@ def teacher_evals(cfg: TrialConfig) -> float:
 
 def run(settings: Settings) -> tuple[list[Row], dict[str, Any]]:
     """Rows P1-P3 and what P4 needs (the training step's images/s)."""
-    times, configs = measure_steps(settings)
+    times, cpu, configs = measure_steps(settings)
     mem_names = ["bare", "sum_off", "sum_kd", "sum_full"]
     memory = measure_memory({n: configs[n] for n in mem_names}, steps=2 * max(4, configs["sum_kd"][1].method.mc.every),
                             threads=settings.threads, parallel=settings.quick)
     batch = configs["sum_off"][1].train.batch_size
     shared = {"step_images_per_s": batch / median(times["sum_off"]),
               "step_images_per_s_kd": batch / median(times["sum_kd"]), "batch": batch}
-    return step_rows(settings, times, configs, memory), shared
+    return step_rows(times, cpu, configs, memory), shared
 
 
 def profile(settings: Settings, names: tuple[str, ...] = ("bare", "sum_off", "genrep_off", "pcgrad_off"),

@@ -23,9 +23,8 @@ import pytest
 import yaml
 
 from harness import results
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 
-pytestmark = pytest.mark.slow
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -75,6 +74,22 @@ def wait_for_jobs_api(address: str, head: subprocess.Popen, timeout: float = 180
     raise AssertionError(f"the jobs API at {address} did not come up")
 
 
+def test_cluster_launcher_example_has_the_pieces_the_docs_promise():
+    """cluster/example-gpu.yaml (never launched here): CUDA setup through scripts/setup.sh, the
+    venv's ray on every node, token auth on and the token shipped, dashboard on loopback only."""
+    cfg = yaml.safe_load((ROOT / "cluster" / "example-gpu.yaml").read_text())
+    setup = " ".join(cfg["setup_commands"])
+    assert "bash scripts/setup.sh" in setup and "download.pytorch.org/whl/cu" in setup
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(cfg[key])
+        assert "RAY_AUTH_MODE=token" in start and ".venv/bin:$PATH" in start, key
+        assert "disabled" not in start, key
+    assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+    assert cfg["available_node_types"][cfg["head_node_type"]]
+
+
+@pytest.mark.slow
 def test_job_submit_runs_a_sweep_on_a_started_head(tmp_path, tiny):
     raw = tiny(strategies=["sum"])
     job_dir = tmp_path / "job"  # uploaded as the job's working dir: just the sweep file
@@ -98,30 +113,41 @@ def test_job_submit_runs_a_sweep_on_a_started_head(tmp_path, tiny):
     assert set(df["status"]) == {"ok"} and set(df["split"]) == {"train", "val"}
 
 
+TWO_NODES = """
+import sys, ray
+from ray.cluster_utils import Cluster
+from harness.sweep import run_sweep
+path, dashboard, gcs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# no node_ip_address=127.0.0.1: the nodes' GCS would then listen on loopback only, while
+# ray.init(address="127.0.0.1:port") rewrites loopback to the machine's own address
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+    "dashboard_host": "127.0.0.1", "dashboard_port": dashboard, "gcs_server_port": gcs})
+try:
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    run_sweep(path, address=cluster.address)
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    print("NODES", len(alive), sorted(n["Resources"]["CPU"] for n in alive))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
 def test_two_node_cluster_strict_spread_trial(tmp_path, tiny):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from harness.sweep import run_sweep
-
+    """In a fresh process: Ray reads RAY_AUTH_MODE once per process, and the simulated nodes
+    (started from the test's process) and its client must agree on token auth."""
     raw = tiny(strategies=["sum"], resources={"workers": 2, "cpus_per_worker": 0.99,
                                               "placement": "STRICT_SPREAD", "max_concurrent": 1})
     path = tmp_path / "two_nodes.yaml"
     path.write_text(yaml.safe_dump(raw))
-    ray.shutdown()
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": free_port(), "gcs_server_port": free_port(), "node_ip_address": "127.0.0.1"})
-    try:
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        cluster.wait_for_nodes()
-        df = run_sweep(path, address=cluster.address)
-        nodes = [n for n in ray.nodes() if n["Alive"]]
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    assert len(nodes) == 2 and all(n["Resources"]["CPU"] == 1 for n in nodes)
+    run = subprocess.run([sys.executable, "-c", TWO_NODES, str(path), str(free_port()), str(free_port())],
+                         env=venv_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "NODES 2 [1.0, 1.0]" in run.stdout
+    df = results.read_results(raw["output_dir"])
     assert set(df["status"]) == {"ok"}, df["error"].iloc[0]
     assert {(r.split, r.step) for r in df[df.metric == "loss_gen"].itertuples()} == {("train", 2), ("train", 4)}
     assert df.loc[df.metric == "head_acc", "value"].notna().all()
+    assert df.loc[df.metric == "head_acc", "cfg.resources.workers"].eq("2").all()
