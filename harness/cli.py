@@ -57,8 +57,12 @@ def cmd_validate(args) -> int:
     from harness.config import load
 
     cfg = load(args.sweep_file)
-    print(f"{args.sweep_file}: ok ({len(cfg.trials())} trials: strategies {list(cfg.strategies)} "
-          f"x seeds {list(cfg.seeds)})")
+    if cfg.search:
+        print(f"{args.sweep_file}: ok (search over {sorted(cfg.search.space)}, "
+              f"strategy {cfg.strategies[0]!r}, seeds {list(cfg.seeds)})")
+    else:
+        print(f"{args.sweep_file}: ok ({len(cfg.trials())} trials: arms {list(cfg.labels())} "
+              f"x seeds {list(cfg.seeds)} x {len(cfg.grid_points())} grid points)")
     return 0
 
 

@@ -42,9 +42,10 @@ def previous_row(out: Path, row_id: str) -> dict[str, Any] | None:
     return next((r for r in rows if r["id"] == row_id and r["measured"] == r["measured"]), None)
 
 
-def guarded(row_id: str, fn: Callable[[], list[Row]], seconds: dict[str, float]) -> list[Row]:
-    """A section that fails becomes a row saying so; the other sections still run."""
-    start = time.perf_counter()
+def guarded(row_id: str, fn: Callable[[], list[Row]], seconds: dict[str, dict]) -> list[Row]:
+    """A section that fails becomes a row saying so; the other sections still run. Each
+    section's wall time and the load average (1/5/15 min) at its start and end are kept."""
+    start, load = time.perf_counter(), load_average()
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - reported in the table, and the exit code is 1
@@ -52,7 +53,8 @@ def guarded(row_id: str, fn: Callable[[], list[Row]], seconds: dict[str, float])
         return [Row(row_id, "(failed)", float("nan"), "<=", float("nan"),
                     note=f"error: {type(e).__name__}: {e}"[:500])]
     finally:
-        seconds[row_id] = round(time.perf_counter() - start, 1)
+        seconds[row_id] = {"seconds": round(time.perf_counter() - start, 1), "load_start": load,
+                           "load_end": load_average()}
 
 
 def run_perf(settings: Settings) -> tuple[list[Row], dict[str, Any]]:

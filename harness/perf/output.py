@@ -67,7 +67,8 @@ def meta_lines(meta: dict[str, Any]) -> str:
 
 
 def sections(meta: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.0f} s" for k, v in meta.get("section_seconds", {}).items())
+    return ", ".join(f"{k} {v['seconds']:.0f} s, load {v['load_start'][0]:g}→{v['load_end'][0]:g}"
+                     for k, v in meta.get("section_seconds", {}).items())
 
 
 def plain_text(rows: list[Row], meta: dict[str, Any]) -> str:

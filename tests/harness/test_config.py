@@ -83,3 +83,14 @@ def test_defaults_and_trials(tiny):
         ("sum", 0), ("sum", 1), ("genrep", 0), ("genrep", 1), ("separate", 0), ("separate", 1)]
     assert len({t.hash() for t in trials}) == 6
     assert cfg.train.grad_clip == 0.0  # never DeepSpeed's silent default of 1.0
+
+
+def test_validate_command(tmp_path, tiny, capsys):
+    from harness.cli import main
+
+    assert main(["validate", str(ROOT / "sweeps" / "smoke.yaml")]) == 0
+    assert "4 trials" in capsys.readouterr().out
+    raw = tiny()
+    raw["train"]["steps"] = -1
+    assert main(["validate", str(write(tmp_path, raw))]) == 2
+    assert "train.steps" in capsys.readouterr().err
