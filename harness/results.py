@@ -120,9 +120,13 @@ def trial_fields(cfg: dict[str, Any], name: str, config_hash: str, status: str, 
 
 
 def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The table, rows in a fixed order (trial, step, split, metric): the same results give the
+    same file whatever order Tune finished or resumed the trials in."""
     df = pd.DataFrame(rows)
     if df.empty:
         df = pd.DataFrame(columns=list(COLUMNS))
+    else:
+        df = df.sort_values(["trial", "step", "split", "metric"], kind="stable", ignore_index=True)
     df["higher_is_better"] = df["higher_is_better"].astype("boolean")
     for c in CONFIG_COLUMNS:
         if f"cfg.{c}" in df:
