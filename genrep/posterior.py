@@ -56,7 +56,7 @@ def _as_class_grid(classes: torch.Tensor, batch: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def draw_errors(eps_fn: EpsFn, x0, t, eps, classes, alphas_cumprod, weight="uniform",
-                chunk_size: int = 4096) -> torch.Tensor:
+                chunk_size: int = 256) -> torch.Tensor:
     """w(t_k) ||ε_k − ε_θ(x_{t_k}, t_k, c)||² (mean over pixels) per draw: [B, C', K].
 
     The B·C'·K (image, class, draw) triples are flattened and sent through the network in chunks
@@ -86,7 +86,7 @@ def mc_mean_stderr(draws: torch.Tensor):
 
 
 def class_errors(eps_fn: EpsFn, x0, t, eps, classes, alphas_cumprod, weight="uniform",
-                 chunk_size: int = 4096):
+                 chunk_size: int = 256):
     """e_c = (1/K) Σ_k w(t_k) ||ε_k − ε_θ(x_{t_k}, t_k, c)||² and its stderr, both [B, C']."""
     return mc_mean_stderr(draw_errors(eps_fn, x0, t, eps, classes, alphas_cumprod, weight, chunk_size))
 
@@ -136,7 +136,7 @@ def _pruned_draws(eps_fn, x0, num_classes, k, prune_k, prune_keep, draw, **kw):
 
 
 def mc_posterior(eps_fn: EpsFn, x0: torch.Tensor, num_classes: int, k: int,
-                 alphas_cumprod: torch.Tensor, tau_mc: float = 1.0, chunk_size: int = 4096,
+                 alphas_cumprod: torch.Tensor, tau_mc: float = 1.0, chunk_size: int = 256,
                  prune_k: int | None = None, prune_keep: int | None = None,
                  generator: torch.Generator | None = None, weight="uniform",
                  draw=None) -> McResult:
