@@ -30,7 +30,7 @@ def tiny_sweep(tmp_path: Path, **sections) -> dict:
         "data": {"source": "digits", "image_size": 8, "shard_size": 300,
                  "root": str(tmp_path / "data")},
         "model": {"preset": "digits16", "overrides": dict(TINY_MODEL)},
-        "method": {"beta_kd": 1.0, "mc": {"k": 2, "every": 1}},
+        "method": {"beta_kd": 1.0, "mc": {"k": 2, "every": 1, "subset": 1.0}},
         "train": {"steps": 4, "batch_size": 8, "log_every": 2},
         "eval": {"mc_k": 2, "mc_images": 8, "samples_per_class": 1, "ddim_steps": 2},
         "resources": {"workers": 1, "cpus_per_worker": 0.99, "max_concurrent": 2,
