@@ -1,4 +1,4 @@
-"""``genrep-bench``: sweep, train, validate, data pack, report."""
+"""``genrep-bench``: sweep, train, validate, data pack, report, perf."""
 from __future__ import annotations
 
 import argparse

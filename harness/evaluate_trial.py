@@ -24,7 +24,10 @@ def load_split(urls, channels: int | None = None) -> tuple[torch.Tensor, torch.T
     return torch.cat(xs), torch.cat(ys)
 
 
-def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, device) -> dict[str, float]:
+def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, device,
+                   step: int | None = None) -> dict[str, float]:
+    """Held-out metrics; the sample grid goes to ``samples.png`` at the end of the trial and to
+    ``samples-step000100.png`` and so on for the evaluations during training (``step``)."""
     from harness.evaluate import evaluate, reference_classifier
 
     out: dict[str, float] = {}
@@ -37,7 +40,8 @@ def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, devic
         nets = step_fn.networks()
         perc = nets.get("joint", nets.get("perception")).model
         gen = nets.get("joint", nets.get("generation")).model
-        grid = Path(urls["trial_dir"]) / "samples.png" if urls.get("trial_dir") else None
+        name = "samples.png" if step is None else f"samples-step{step:06d}.png"
+        grid = Path(urls["trial_dir"]) / name if urls.get("trial_dir") else None
         out = evaluate(perc, gen, val_x.to(device), val_y.to(device), ref, mc_k=e.mc_k,
                        mc_images=e.mc_images, sample_per_class=e.samples_per_class,
                        ddim_steps=e.ddim_steps, guidance_scale=e.guidance_scale, seed=0,

@@ -56,7 +56,9 @@ def prepare_data(sweep: SweepConfig) -> dict[str, Any]:
         params["count"] = d.count
     manifest_path = ensure_packed(d.source, data_root(sweep), **params)
     manifest = load_manifest(manifest_path)
-    key = manifest_path.parent.name
+    # the reference classifier's cache key: the manifest's checksum (it lists every shard's
+    # sha256), so different data can never reuse a classifier trained on other data
+    key = f"{manifest_path.parent.name}-{hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:12]}"
     return {s: shard_urls(manifest, s) for s in ("train", "val", "test")} | {
         "cache": str(data_root(sweep)), "key": key}
 

@@ -2,7 +2,8 @@
 
 ``train_loop`` runs in every Ray Train worker process (one data-parallel rank). It reads top to
 bottom: build the step (models, engines), restore a checkpoint if Ray Train hands one over, stream
-this rank's slice of the shards, train, report every ``log_every`` steps, evaluate at the end.
+this rank's slice of the shards, train, report every ``log_every`` steps, evaluate at the end (and
+every ``eval.every`` steps from step 0, when set).
 Only rank 0's reports reach Ray Tune; every rank calls ``ray.train.report`` the same number of
 times, as Ray Train requires.
 """
@@ -78,6 +79,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     start = restore(step_fn, loader)
     batches, window, timed = forever(loader), Window(), Window()
     for step in range(start, cfg.train.steps):
+        if due_evaluation(cfg, step):  # after `step` steps; a resumed trial repeats it (same values)
+            row = {**evaluate(step_fn, cfg, config["urls"], shard, device, step), "step": step,
+                   "split": cfg.eval.split}
+            report(row, step_fn, loader, step, checkpoint=False)
         x, y = next(batches)
         x = inject_faults(cfg, step, x, rank)
         t0 = time.perf_counter()
@@ -97,6 +102,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if dist.is_initialized():
         dist.barrier()
     return final
+
+
+def due_evaluation(cfg: TrialConfig, step: int) -> bool:
+    """A held-out evaluation before training step ``step`` (0: the untrained model)?"""
+    every = cfg.eval.every
+    return every > 0 and step % every == 0 and step < cfg.train.steps
 
 
 def due_checkpoint(cfg: TrialConfig, done: int) -> bool:
@@ -193,8 +204,9 @@ def fault_dir() -> Path:
     return Path(ray.train.get_context().get_storage().experiment_fs_path)
 
 
-def evaluate(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard: Shard, device) -> dict[str, float]:
-    """Held-out metrics on this rank's slice of the eval split, summed over ranks."""
+def evaluate(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard: Shard, device,
+             step: int | None = None) -> dict[str, float]:
+    """Held-out metrics (rank 0 scores, the others wait); ``step``: an evaluation during training."""
     from harness.evaluate_trial import evaluate_trial
 
-    return evaluate_trial(step_fn, cfg, urls, shard, device)
+    return evaluate_trial(step_fn, cfg, urls, shard, device, step)

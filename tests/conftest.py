@@ -22,13 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_sweep(tmp_path: Path, **sections) -> dict:
-    """A minimal sweep dict on 8x8 digits with a tiny UNet; sections override top-level keys."""
+def tiny_sweep(tmp_path: Path, data_root: Path | None = None, **sections) -> dict:
+    """A minimal sweep dict on 8x8 digits with a tiny UNet; sections override top-level keys.
+
+    ``data_root``: where shards and the reference classifier are cached (default: in tmp_path).
+    """
     raw = {
         "name": "tiny", "output_dir": str(tmp_path / "out"),
         "strategies": ["sum", "genrep"], "seeds": [0],
         "data": {"source": "digits", "image_size": 8, "shard_size": 300,
-                 "root": str(tmp_path / "data")},
+                 "root": str(data_root or tmp_path / "data")},
         "model": {"preset": "digits16", "overrides": dict(TINY_MODEL)},
         "method": {"beta_kd": 1.0, "mc": {"k": 2, "every": 1, "subset": 1.0}},
         "train": {"steps": 4, "batch_size": 8, "log_every": 2},
@@ -41,6 +44,15 @@ def tiny_sweep(tmp_path: Path, **sections) -> dict:
     return raw
 
 
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory) -> Path:
+    """One cache of packed tiny shards and their reference classifier for the whole session:
+    both are keyed by their parameters (harness.data.ensure_packed, harness.evaluate), so
+    sharing them changes no result and saves each end-to-end test the packing and the
+    reference classifier's training. Tests that damage shards pack their own."""
+    return tmp_path_factory.mktemp("tiny-data")
+
+
 @pytest.fixture
-def tiny(tmp_path):
-    return lambda **sections: tiny_sweep(tmp_path, **sections)
+def tiny(tmp_path, tiny_data_root):
+    return lambda **sections: tiny_sweep(tmp_path, tiny_data_root, **sections)

@@ -4,6 +4,7 @@
 |---|---|---|
 | P1 | harness training step ÷ bare PyTorch loop | ≤ 1.05 |
 | P2 | genrep / pcgrad step ÷ sum step | ≤ 1.10 |
+| P2dp | genrep ÷ sum step on 2 gloo workers; extra collective bytes and step memory | info |
 | P3 | step with the default MC teacher ÷ teacher off (full K=8 beside it, peak memory of each) | ≤ 1.5 |
 | P3b | MC zero-shot evaluations per image, pruned ÷ full, at equal top-1 | ≤ 0.5 |
 | P3acc | distilled head top-1, default teacher − full teacher (points) | ≥ −1 |
@@ -13,6 +14,7 @@
 | P7 | smoke sweep wall time (minutes) | ≤ 10 |
 
 Modules: ``common`` (settings, rows, machine, interleaved timing), ``steps`` (P1-P3),
+``dataparallel`` (P2dp),
 ``memory`` (peak RSS per configuration in fresh subprocesses), ``mc`` (P3b, P3acc),
 ``system`` (P4-P7), ``output`` (table and files). See docs/performance.md.
 """
@@ -59,7 +61,7 @@ def guarded(row_id: str, fn: Callable[[], list[Row]], seconds: dict[str, dict]) 
 
 def run_perf(settings: Settings) -> tuple[list[Row], dict[str, Any]]:
     """Every requested measurement, in an order that keeps the timing-sensitive ones first."""
-    from harness.perf import mc, steps, system
+    from harness.perf import dataparallel, mc, steps, system
 
     torch.set_num_threads(settings.threads)
     out, ids = Path(settings.out), set(settings.ids)
@@ -78,6 +80,8 @@ def run_perf(settings: Settings) -> tuple[list[Row], dict[str, Any]]:
         rows += guarded("P1", step_section, sections)
     if "P4" in ids and shared:
         rows += guarded("P4", lambda: [system.p4_row(settings, shared)], sections)
+    if "P2dp" in ids:
+        rows += guarded("P2dp", lambda: dataparallel.run(settings), sections)
     if "P6" in ids:
         rows += guarded("P6", lambda: [system.p6_row(settings)], sections)
     if ids & {"P3b", "P3acc"}:

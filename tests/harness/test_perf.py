@@ -19,7 +19,7 @@ import yaml
 from harness.cli import main
 
 pytestmark = pytest.mark.slow
-EXPECTED = {"P1", "P2", "P3", "P3b", "P4", "P6"}
+EXPECTED = {"P1", "P2", "P2dp", "P3", "P3b", "P4", "P6"}
 
 
 def numbers(value):
@@ -61,6 +61,13 @@ def test_perf_quick_writes_a_complete_table(tmp_path, tiny, capsys):
         for name in ("sum_off", "sum_kd", "sum_full"):
             if name in r["raw"]:
                 assert r["raw"][name]["peak_rss_mb"] > 0 and r["raw"][name]["median_s"] > 0
+
+    # what the alignment adds under data parallelism, counted at the collectives: exactly the
+    # two reduce-scatters of the padded task gradients and the Gram all-reduce (harness.step)
+    dp = next(r for r in rows if r["id"] == "P2dp")["raw"]
+    assert dp["sum"]["collective_bytes_per_step"] > 0  # DeepSpeed's own reduction is counted
+    assert dp["extra_collective_bytes_per_step"] == dp["expected_extra_bytes_per_step"]
+    assert dp["genrep"]["bytes_by_op"]["reduce_scatter_tensor"] > 0
 
     meta = blob["meta"]
     env = meta["environment"]

@@ -31,6 +31,7 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny, ray_local, capsys):
     raw = tiny(strategies=STRATEGIES)
     raw["strategy_options"] = {"genrep": {"damping": 0.5, "rule": "cos"}}
     raw["deepspeed"] = {"zero_stage": 1}
+    raw["eval"] = {**raw["eval"], "every": 2}
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(raw))
 
@@ -48,6 +49,12 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny, ray_local, capsys):
     # telemetry exists exactly where task gradients are combined
     assert set(train.loc[train.metric == "cos", "strategy"]) == {"pcgrad", "genrep"}
     held = df[df["split"] == "val"]
+    # eval.every=2: held-out rows before training (step 0: the untrained model), at 2 and the end
+    assert sorted(held.groupby("strategy")["step"].unique().map(sorted).map(tuple).unique()) == [(0, 2, 4)]
+    assert set(held.loc[held.step == 0, "metric"]) >= {"head_acc", "sample_acc", "fd_ref"}
+    held = held[held["step"] == 4]
+    for name in ("samples-step000000.png", "samples-step000002.png", "samples.png"):
+        assert len(list((tmp_path / "out").rglob(name))) == len(STRATEGIES), name
     for metric in ("head_acc", "mc_acc", "heldout_loss", "fd_ref", "sample_acc", "head_ece"):
         vals = held.loc[held.metric == metric].set_index("strategy")["value"]
         assert set(vals.index) == set(STRATEGIES), metric
