@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from harness.config import TrialConfig
@@ -94,6 +95,18 @@ def backward_combined(engine, params: list[nn.Parameter], grads: list[torch.Tens
     """
     surrogate = sum((p * g.detach()).sum() for p, g in zip(params, grads))
     engine.backward(surrogate)
+
+
+def destroy_process_group() -> None:
+    """End the default process group through DeepSpeed's comm module when it knows the group, so
+    the group references DeepSpeed cached go with it: a later engine in the same process would
+    otherwise reach for the destroyed group ("Group ... is not registered")."""
+    import deepspeed.comm as ds_comm
+
+    if ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    elif dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def optimizer_state_bytes(engine) -> int:

@@ -155,8 +155,10 @@ def process_group(rank: int = 0, world: int = 1, port: int | None = None):
     try:
         yield
     finally:
+        from harness.engine import destroy_process_group
+
         dist.barrier()
-        dist.destroy_process_group()
+        destroy_process_group()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 

@@ -35,7 +35,9 @@ def group():
     prepare_environment()
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    from harness.engine import destroy_process_group
+
+    destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
 
