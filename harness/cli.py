@@ -114,6 +114,10 @@ def cmd_perf(args) -> int:
         print(Path(args.out) / "profile.txt")
         return 0
     rows, meta = run_perf(settings)
+    if args.update:
+        from harness.perf import keep_others
+
+        rows = keep_others(Path(args.out), rows, meta)
     paths = write_all(Path(args.out), rows, meta)
     print(plain_text(rows, meta))
     print(paths["perf.md"])
@@ -174,6 +178,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sweep", default="sweeps/smoke.yaml", help="the sweep whose trial is measured")
     s.add_argument("--only", help="comma-separated ids, e.g. P1,P2 (default: all)")
     s.add_argument("--skip", help="comma-separated ids to leave out, e.g. P5,P7")
+    s.add_argument("--update", action="store_true",
+                   help="keep the rows of <out>/perf.json this run does not measure (with --only)")
     s.add_argument("--threads", type=int, default=1, help="torch threads (the worker uses 1)")
     s.add_argument("--p3b-steps", type=int, help="training steps of the P3b model (0 = untrained)")
     s.add_argument("--profile", action="store_true",

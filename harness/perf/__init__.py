@@ -44,6 +44,28 @@ def previous_row(out: Path, row_id: str) -> dict[str, Any] | None:
     return next((r for r in rows if r["id"] == row_id and r["measured"] == r["measured"]), None)
 
 
+def keep_others(out: Path, rows: list[Row], meta: dict[str, Any]) -> list[Row]:
+    """``--update``: this run's rows plus the rows of ``<out>/perf.json`` it did not measure,
+    each noted with the date it was measured; the table stays in IDS order."""
+    try:
+        earlier = json.loads((out / "perf.json").read_text())
+    except (OSError, ValueError):
+        return rows
+    measured = {r.id for r in rows}
+    date = earlier.get("meta", {}).get("environment", {}).get("date", "an earlier run")
+    kept = []
+    for d in earlier.get("rows", []):
+        if d["id"] in measured:
+            continue
+        row = Row.from_dict(d)
+        if "kept from" not in row.note:
+            row.note = f"{row.note}; kept from the run of {date}".lstrip("; ")
+        kept.append(row)
+    meta["kept_from"] = {"date": date, "ids": sorted({r.id for r in kept})}
+    order = {k: i for i, k in enumerate(IDS)}
+    return sorted(rows + kept, key=lambda r: order.get(r.id, len(order)))
+
+
 def guarded(row_id: str, fn: Callable[[], list[Row]], seconds: dict[str, dict]) -> list[Row]:
     """A section that fails becomes a row saying so; the other sections still run. Each
     section's wall time and the load average (1/5/15 min) at its start and end are kept."""

@@ -68,8 +68,21 @@ class Row:
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "ratio": self.what, "measured": self.measured,
-                "target": f"{'≤' if self.op == '<=' else '≥'} {self.target:g}",
+                "target": "—" if self.op == "info" else f"{'≤' if self.op == '<=' else '≥'} {self.target:g}",
+                "op": self.op, "target_value": self.target, "extra_ok": self.extra_ok,
                 "pass": self.passed, "raw": self.raw, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Row":
+        """The inverse of :meth:`as_dict` (perf.json rows)."""
+        if "op" in d:
+            op, target = d["op"], float(d["target_value"])
+        else:  # a table written before "op" was stored: read the printed target ("≤ 1.05")
+            sign, _, value = str(d["target"]).partition(" ")
+            target = float(value) if value else float("nan")
+            op = "info" if target != target else {"≤": "<=", "≥": ">="}[sign]
+        return cls(d["id"], d["ratio"], float(d["measured"]), op, target,
+                   d.get("raw", {}), d.get("note", ""), d.get("extra_ok", True))
 
 
 # ---------------------------------------------------------------- the machine

@@ -83,6 +83,30 @@ class CollectiveCounter:
         return counted
 
 
+def collective_seconds(d: int, world: int, reps: int = 8) -> dict[str, float]:
+    """Median wall seconds of the alignment's reduce-scatter of the padded [2, D] task gradients
+    (two calls, as ``harness.step.global_gram`` makes them) and, for scale, of one all-reduce of
+    the same [2, D] buffer: what the backend actually charges for each (gloo, unlike NCCL, may
+    not make a reduce-scatter cheaper than an all-reduce)."""
+    m = -(-d // world)
+    buf, mine = torch.randn(2, m * world), torch.empty(2, m)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(reps):
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return median(times)
+
+    def scatter():
+        for task in range(2):
+            dist.reduce_scatter_tensor(mine[task], buf[task])
+
+    return {"reduce_scatter_pair_s": timed(scatter), "all_reduce_pair_s": timed(lambda: dist.all_reduce(buf))}
+
+
 def _rank(rank: int, world: int, port: int, raw: dict, strategy: str, steps: int, out: str) -> None:
     torch.set_num_threads(1)
     from harness.config import apply_overrides, from_dict
@@ -111,10 +135,11 @@ def _rank(rank: int, world: int, port: int, raw: dict, strategy: str, steps: int
             step_fn(x, y, step)
             times.append(time.perf_counter() - start)
         counter.active = False
+        collectives = collective_seconds(sum(p.numel() for p in step_fn.shared), world)
         result = {"median_s": median(times), "peak_rss_mb": peak_rss_mb(reset), "setup_rss_mb": setup,
                   "bytes_per_step": {k: v / steps for k, v in counter.bytes.items()},
                   "calls_per_step": {k: v / steps for k, v in counter.calls.items()},
-                  "shared_params": sum(p.numel() for p in step_fn.shared),
+                  "shared_params": sum(p.numel() for p in step_fn.shared), **collectives,
                   "segments": len(step_fn.shared)}
         gathered = [None] * world
         dist.all_gather_object(gathered, result)
@@ -139,7 +164,9 @@ def summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
             "step_peak_mb": max(r["peak_rss_mb"] - r["setup_rss_mb"] for r in ranks),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
             "collective_bytes_per_step": max(total),
-            "bytes_by_op": ranks[0]["bytes_per_step"], "calls_by_op": ranks[0]["calls_per_step"]}
+            "bytes_by_op": ranks[0]["bytes_per_step"], "calls_by_op": ranks[0]["calls_per_step"],
+            "reduce_scatter_pair_s": ranks[0]["reduce_scatter_pair_s"],
+            "all_reduce_pair_s": ranks[0]["all_reduce_pair_s"]}
 
 
 def expected_extra_bytes(d: int, segments: int, world: int, itemsize: int = 4) -> int:

@@ -145,14 +145,16 @@ def head_accuracy(model: GenRepModel, x, y) -> float:
     return acc
 
 
-def finetune(settings: Settings, trained: GenRepModel, overrides: dict[str, Any], urls, x, y) -> dict:
+def finetune(settings: Settings, trained: GenRepModel, overrides: dict[str, Any], urls, x, y,
+             seed: int) -> dict:
     """``acc_steps`` steps of JointStep(sum) from the trained backbone with a fresh head (ZeRO-0, so
-    loading the weights after the engine is built is safe: AdamW holds the model's own tensors)."""
+    loading the weights after the engine is built is safe: AdamW holds the model's own tensors);
+    ``seed`` draws the head's initialisation, the data order and every step's draws."""
     from harness.data import make_loader
     from harness.step import Shard, make_step
     from harness.worker import forever
 
-    cfg = trial(settings, "sum", **overrides, **{"deepspeed.zero_stage": 0})
+    cfg = trial(settings, "sum", **overrides, **{"deepspeed.zero_stage": 0, "seed": seed})
     step_fn = make_step(cfg, Shard(0, 1, cfg.train.batch_size), torch.device("cpu"))
     model = step_fn.net.model
     with torch.no_grad():
@@ -167,15 +169,27 @@ def finetune(settings: Settings, trained: GenRepModel, overrides: dict[str, Any]
 
 
 def p3acc_row(settings: Settings, model, x, y, urls) -> Row:
+    """Mean over ``p3b_seeds`` seeds of the paired difference default − full (points), with its
+    standard error; the teacher-off head beside them."""
+    seeds = list(range(settings.p3b_seeds))
+    res: dict[str, list[dict]] = {"off": [], "default": [], "full": []}
     with process_group():
-        res = {name: finetune(settings, model, ov, urls, x, y) for name, ov in
-               (("off", teacher_off()), ("default", teacher_default()), ("full", teacher_full()))}
-    raw = {f"{n}_{k}": v for n, r in res.items() for k, v in r.items()}
-    raw.update(steps=settings.acc_steps, images=len(x), head_acc_backbone_trained=head_accuracy(model, x, y))
-    return Row("P3acc", "head top-1 after fine-tuning: default teacher − full K=8 teacher "
-                        "(points; fresh head on the P3b backbone, 1 seed)",
-               100 * (res["default"]["head_acc"] - res["full"]["head_acc"]), ">=", -1.0, raw,
-               note="evidence, not proof: one seed, few steps")
+        for seed in seeds:
+            for name, ov in (("off", teacher_off()), ("default", teacher_default()), ("full", teacher_full())):
+                res[name].append(finetune(settings, model, ov, urls, x, y, seed))
+    acc = {n: [r["head_acc"] for r in rs] for n, rs in res.items()}
+    diffs = [100 * (d - f) for d, f in zip(acc["default"], acc["full"])]
+    sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    raw = {**{f"{n}_head_acc": statistics.fmean(a) for n, a in acc.items()},
+           **{f"{n}_head_acc_per_seed": a for n, a in acc.items()},
+           **{f"{n}_seconds": statistics.fmean(r["seconds"] for r in rs) for n, rs in res.items()},
+           "diff_points_per_seed": diffs, "diff_points_sem": sem, "seeds": len(seeds),
+           "steps": settings.acc_steps, "images": len(x),
+           "head_acc_backbone_trained": head_accuracy(model, x, y)}
+    return Row("P3acc", f"head top-1 after fine-tuning: default teacher − full K=8 teacher (points; "
+                        f"fresh head on the P3b backbone, mean of {len(seeds)} seed(s))",
+               statistics.fmean(diffs), ">=", -1.0, raw,
+               note=f"paired over seeds, sem {sem:.2f} points; {settings.acc_steps} steps each")
 
 
 def run(settings: Settings) -> list[Row]:

@@ -83,6 +83,33 @@ def test_perf_quick_writes_a_complete_table(tmp_path, tiny, capsys):
         assert r["id"] in printed
 
 
+def test_perf_update_remeasures_one_row_and_keeps_the_others(tmp_path, tiny):
+    """--update --only P6: P6 is measured again, every other row of the earlier table is kept
+    (its figure unchanged, noted with the earlier run's date), in the table's order."""
+    from harness.perf.common import IDS, Row
+    from harness.perf.output import write_all
+
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(yaml.safe_dump(tiny()))
+    out = tmp_path / "perf"
+    earlier = [Row("P1", "bare", 1.01, "<=", 1.05, {"x": 1.0}), Row("P6", "old p6", 0.9, "<=", 0.55),
+               Row("P3", "full", 22.0, "info", float("nan"))]
+    meta = {"environment": {"date": "2026-01-01 00:00:00 UTC", "versions": {}, "cpu_model": "x",
+                            "cpus": 2, "torch_threads": 1, "torch_interop_threads": 1},
+            "load_start": [0, 0, 0], "load_end": [0, 0, 0], "quick": False, "repeats": 7, "seconds": 1.0}
+    write_all(out, earlier, meta)
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "perf", "--quick", "--only", "P6",
+                           "--update", "--sweep", str(sweep), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = json.loads((out / "perf.json").read_text())["rows"]
+    assert [r["id"] for r in rows] == sorted([r["id"] for r in rows], key=IDS.index) == ["P1", "P3", "P6"]
+    p1, p3, p6 = rows
+    assert p1["measured"] == 1.01 and p1["pass"] is True and "kept from the run of 2026-01-01" in p1["note"]
+    assert p3["pass"] is None and p3["target"] == "—"
+    assert p6["measured"] == pytest.approx(0.5, abs=0.01) and p6["ratio"] != "old p6" and "kept" not in p6["note"]
+
+
 def test_perf_rejects_unknown_ids(tmp_path, capsys):
     assert main(["perf", "--only", "P1,P9", "--out", str(tmp_path)]) == 2
     assert "P9" in capsys.readouterr().err
