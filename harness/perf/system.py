@@ -126,6 +126,12 @@ class CpuSampler:
             return "ray_other"
         return "other"
 
+    def top(self, n: int = 8) -> list[list]:
+        """The ``n`` processes that used the most CPU in the block: [seconds, command line]."""
+        used = sorted(((cpu - self.base.get(pid, 0.0), cmd[:80]) for pid, (cmd, cpu) in self.seen.items()),
+                      reverse=True)
+        return [[round(c, 1), cmd] for c, cmd in used[:n]]
+
     def by_role(self) -> dict[str, float]:
         out = {"train_workers": 0.0, "ray_other": 0.0, "other": 0.0}
         for pid, (cmd, cpu) in self.seen.items():
@@ -151,7 +157,7 @@ def p5_row(settings: Settings) -> Row:
 
     warm_reference(settings)
     init_ray()
-    walls, loads, cpu = {}, {}, {}
+    walls, loads, cpu, top = {}, {}, {}, {}
     try:
         with tempfile.TemporaryDirectory(prefix="genrep-perf-p5-") as tmp:
             for concurrent in (1, 2):
@@ -163,6 +169,7 @@ def p5_row(settings: Settings) -> Row:
                     df = run_sweep(path, overwrite=True)
                 walls[concurrent] = time.perf_counter() - start
                 cpu[concurrent] = sampler.by_role()
+                top[concurrent] = sampler.top()
                 if not (df["status"] == "ok").all():
                     raise RuntimeError(f"P5: a trial failed (max_concurrent {concurrent})")
     finally:
@@ -173,7 +180,7 @@ def p5_row(settings: Settings) -> Row:
     raw = {"serial_wall_s": walls[1], "concurrent_wall_s": walls[2], "trials": 2,
            "steps_per_trial": p5_steps(settings), "load_before": loads,
            "cpu_s_serial": cpu[1], "cpu_s_concurrent": cpu[2], "cores": cores,
-           "cpu_bound_ratio": bound}
+           "cpu_bound_ratio": bound, "top_processes_concurrent": top[2]}
     return Row("P5", "serial ÷ concurrent wall, 2 Ray Tune trials on 2 cores", walls[1] / walls[2],
                ">=", 1.8, raw, note=f"CPU-bound ceiling serial ÷ (concurrent CPU s / {cores} cores) "
                                     f"= {bound:.2f}")
