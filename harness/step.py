@@ -271,7 +271,9 @@ def global_gram(local: torch.Tensor, segments: torch.Tensor | None) -> torch.Ten
 
     Reduce-scatter gives each rank a 1/W slice of ḡ_p and ḡ_g (2·D·(W−1)/W floats sent per
     rank, half an all-reduce of the pair); the Gram matrix is a sum over coordinates, so the
-    slices' partial Grams add up to the full one with an all-reduce of 4·S floats.
+    slices' partial Grams add up to the full one with an all-reduce of 4·S floats. Measured
+    (perf P2dp, docs/performance.md): exactly 2·⌈D/W⌉·W + 4·S floats handed to collectives per
+    step; on gloo the pair's reduce-scatter took 14.7 ms where an all-reduce of it took 9.3 ms.
     """
     num = 1 if segments is None else int(segments[-1]) + 1
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
