@@ -10,6 +10,7 @@ sweep's ``deepspeed`` and ``resources`` sections differ. Traps handled here (GRO
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -28,7 +29,10 @@ log = logging.getLogger(__name__)
 def prepare_environment() -> None:
     """Process-wide settings DeepSpeed needs before it is imported (idempotent)."""
     cache = Path(os.environ.get("GENREP_CACHE", Path.home() / ".cache" / "genrep-bench"))
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
+    # one build per virtual environment: the op's build key includes the venv's include paths,
+    # so two venvs sharing a directory rebuilt it (~60 CPU-seconds) every time the other had run
+    venv = hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions" / venv))
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")

@@ -100,11 +100,16 @@ class CpuSampler:
             out[int(entry.name)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
         return out
 
+    def _update(self) -> None:
+        """Each pid's largest CPU figure, and its last non-empty command line (an exiting process,
+        a zombie, still shows its CPU time in /proc but an empty command line)."""
+        for pid, (cmd, cpu) in self.snapshot().items():
+            old_cmd, old_cpu = self.seen.get(pid, ("", -1.0))
+            self.seen[pid] = (cmd or old_cmd, max(cpu, old_cpu))
+
     def _run(self):
         while not self._stop.wait(self.period):
-            for pid, (cmd, cpu) in self.snapshot().items():
-                if cpu >= self.seen.get(pid, ("", -1.0))[1]:
-                    self.seen[pid] = (cmd, cpu)
+            self._update()
 
     def __enter__(self):
         self.base = {pid: cpu for pid, (_, cpu) in self.snapshot().items()}
@@ -114,9 +119,7 @@ class CpuSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        for pid, (cmd, cpu) in self.snapshot().items():
-            if cpu >= self.seen.get(pid, ("", -1.0))[1]:
-                self.seen[pid] = (cmd, cpu)
+        self._update()
 
     @staticmethod
     def role(cmd: str) -> str:
