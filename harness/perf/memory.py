@@ -7,7 +7,8 @@ optimizer), reset the kernel's high-water mark, run the steps, read it again (``
 ``step_peak_mb`` = peak − setup is what the training step itself adds (activations, gradients,
 teacher chunks).
 
-The reset matters: set-up itself peaks far above the steady state (1,069 MiB here against
+The reset matters: set-up itself peaks far above the steady state (1,069 MiB here, somewhere in
+the imports and the engine's construction, against
 ~0.47 GiB once the step is built), so ``ru_maxrss``, which cannot be reset, reported the same
 1069 MiB for every configuration. ``echo 5 > /proc/self/clear_refs``
 (Linux ≥ 4.0) resets ``VmHWM`` to the current RSS; where it cannot, ``ru_maxrss`` is used and
