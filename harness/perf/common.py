@@ -75,13 +75,7 @@ class Row:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Row":
         """The inverse of :meth:`as_dict` (perf.json rows)."""
-        if "op" in d:
-            op, target = d["op"], float(d["target_value"])
-        else:  # a table written before "op" was stored: read the printed target ("≤ 1.05")
-            sign, _, value = str(d["target"]).partition(" ")
-            target = float(value) if value else float("nan")
-            op = "info" if target != target else {"≤": "<=", "≥": ">="}[sign]
-        return cls(d["id"], d["ratio"], float(d["measured"]), op, target,
+        return cls(d["id"], d["ratio"], float(d["measured"]), d["op"], float(d["target_value"]),
                    d.get("raw", {}), d.get("note", ""), d.get("extra_ok", True))
 
 

@@ -85,7 +85,7 @@ class CollectiveCounter:
 
 def collective_seconds(d: int, world: int, reps: int = 8) -> dict[str, float]:
     """Median wall seconds of the alignment's reduce-scatter of the padded [2, D] task gradients
-    (two calls, as ``harness.step.global_gram`` makes them) and, for scale, of one all-reduce of
+    (two calls, with ``harness.step.global_gram``'s padding) and, for scale, of one all-reduce of
     the same [2, D] buffer: what the backend actually charges for each (gloo, unlike NCCL, may
     not make a reduce-scatter cheaper than an all-reduce)."""
     m = -(-d // world)
@@ -135,12 +135,14 @@ def _rank(rank: int, world: int, port: int, raw: dict, strategy: str, steps: int
             step_fn(x, y, step)
             times.append(time.perf_counter() - start)
         counter.active = False
-        collectives = collective_seconds(sum(p.numel() for p in step_fn.shared), world)
-        result = {"median_s": median(times), "peak_rss_mb": peak_rss_mb(reset), "setup_rss_mb": setup,
+        peak = peak_rss_mb(reset)  # before the collective timing's own buffers
+        d = sum(p.numel() for p in step_fn.shared)
+        result = {"median_s": median(times), "peak_rss_mb": peak, "setup_rss_mb": setup,
                   "bytes_per_step": {k: v / steps for k, v in counter.bytes.items()},
                   "calls_per_step": {k: v / steps for k, v in counter.calls.items()},
-                  "shared_params": sum(p.numel() for p in step_fn.shared), **collectives,
-                  "segments": len(step_fn.shared)}
+                  "shared_params": d, "segments": len(step_fn.shared)}
+        if strategy == "genrep":
+            result.update(collective_seconds(d, world))
         gathered = [None] * world
         dist.all_gather_object(gathered, result)
     counter.uninstall()
@@ -165,8 +167,7 @@ def summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
             "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
             "collective_bytes_per_step": max(total),
             "bytes_by_op": ranks[0]["bytes_per_step"], "calls_by_op": ranks[0]["calls_per_step"],
-            "reduce_scatter_pair_s": ranks[0]["reduce_scatter_pair_s"],
-            "all_reduce_pair_s": ranks[0]["all_reduce_pair_s"]}
+            **{k: ranks[0][k] for k in ("reduce_scatter_pair_s", "all_reduce_pair_s") if k in ranks[0]}}
 
 
 def expected_extra_bytes(d: int, segments: int, world: int, itemsize: int = 4) -> int:
