@@ -18,11 +18,12 @@ from genrep.losses import EpsFn
 
 @dataclass
 class McResult:
-    probs: torch.Tensor  # [B, C] q(c|x); pruned classes exactly 0
-    errors: torch.Tensor  # [B, C] e_c; pruned classes +inf
-    stderr: torch.Tensor  # [B, C] Monte Carlo standard error of e_c; pruned classes NaN
+    probs: torch.Tensor  # [B, C] q(c|x) over every class (pruned ones from shifted estimates)
+    errors: torch.Tensor  # [B, C] e_c; a pruned class: its first round shifted (shifted_errors)
+    stderr: torch.Tensor  # [B, C] Monte Carlo stderr of e_c; a pruned class: of its first round
     evals: int  # network evaluations actually spent
-    pred: torch.Tensor  # [B] argmax_c q(c|x)
+    pred: torch.Tensor  # [B] argmax over the classes that got all K draws (all, unpruned)
+    kept: torch.Tensor  # [B, keep] the classes that got all K draws (every class, unpruned)
 
 
 def draw_mc(k: int, batch: int, shape, num_timesteps: int, generator=None, device="cpu"):
@@ -99,10 +100,18 @@ def posterior(errors: torch.Tensor, tau_mc: float = 1.0, log_prior=None) -> torc
     return torch.softmax(logits, dim=-1)
 
 
-def _scatter_kept(kept, values, num_classes, fill):
-    """[B, keep] values at columns `kept` of a [B, C] tensor filled with `fill`."""
-    out = torch.full((kept.shape[0], num_classes), fill, device=values.device, dtype=values.dtype)
-    return out.scatter(1, kept, values)
+def shifted_errors(first: torch.Tensor, kept: torch.Tensor, kept_full: torch.Tensor) -> torch.Tensor:
+    """ê_c = e_c^(1) + (1/|S|) Σ_{s∈S} (e_s − e_s^(1)) for a pruned class c ∉ S, e_s for s ∈ S.
+
+    e^(1) [B, C] is the first round's mean error (prune_k draws, every class), e_s [B, |S|] the
+    all-K mean of the kept classes S. The draws are shared by all classes, so most of a draw's
+    error is common to every class (the timestep sets its scale) and the kept classes' mean shift
+    from the first round to all K draws estimates that common part for the pruned classes too: a
+    pruned class keeps a finite, first-round-ranked error instead of +inf, and the posterior gives
+    it a small probability, not 0. Ours (a control-variate-style correction), not from Li et al.
+    """
+    offset = (kept_full - first.gather(1, kept)).mean(1, keepdim=True)
+    return (first + offset).scatter(1, kept, kept_full)
 
 
 def first_round_strata(k: int, prune_k: int) -> list[int]:
@@ -122,7 +131,7 @@ def _pruned_draws(eps_fn, x0, num_classes, k, prune_k, prune_keep, draw, **kw):
     Sec. 3.3, with the rounds split by stratum): the prune_k middle strata on all classes, then
     the other K − prune_k on the `prune_keep` lowest-error ones. A kept class's error is exactly
     its full K-draw estimate, so the pruned answer differs from the full one only when the full
-    winner was pruned. Returns kept [B, keep], draws [B, keep, K]."""
+    winner was pruned. Returns kept [B, keep], draws [B, keep, K], first round [B, C, prune_k]."""
     if not 0 < prune_k <= k:
         raise ValueError(f"prune_k must be in (0, k={k}], got {prune_k}")
     t, eps = draw(k)
@@ -132,7 +141,7 @@ def _pruned_draws(eps_fn, x0, num_classes, k, prune_k, prune_keep, draw, **kw):
     kept = d1.mean(-1).topk(prune_keep, dim=1, largest=False).indices
     d2 = draw_errors(eps_fn, x0, t[:, rest], eps[:, rest], kept, **kw)
     d1_kept = d1.gather(1, kept[..., None].expand(-1, -1, prune_k))
-    return kept, torch.cat([d1_kept, d2], dim=-1)  # mean over all K draws = weighted mean of rounds
+    return kept, torch.cat([d1_kept, d2], dim=-1), d1  # mean over all K = weighted mean of rounds
 
 
 def mc_posterior(eps_fn: EpsFn, x0: torch.Tensor, num_classes: int, k: int,
@@ -142,6 +151,12 @@ def mc_posterior(eps_fn: EpsFn, x0: torch.Tensor, num_classes: int, k: int,
                  draw=None) -> McResult:
     """q(c|x) from K shared Monte Carlo draws; B·K·C network evaluations without pruning,
     B·(prune_k·C + (K − prune_k)·prune_keep) with it.
+
+    With pruning, the prediction is the best of the kept classes (the Diffusion Classifier's
+    decision), and the posterior covers every class: a pruned class's error is its first round
+    shifted by the kept classes' mean change (:func:`shifted_errors`), so the teacher's soft
+    target stays an estimate of the full one (a pruned class at probability 0 made it a sharp,
+    different distribution: docs/performance.md, P3acc).
 
     ``draw(n) -> (t [B, n], ε [B, n, ...])`` replaces the default :func:`draw_mc` from
     ``generator`` (the harness passes this rank's rows of draws made for the global batch, so a
@@ -153,13 +168,15 @@ def mc_posterior(eps_fn: EpsFn, x0: torch.Tensor, num_classes: int, k: int,
         draw = lambda n: draw_mc(n, batch, x0.shape[1:], alphas_cumprod.shape[0], generator, x0.device)  # noqa: E731
     if prune_keep is None or prune_keep >= num_classes:
         kept = torch.arange(num_classes, device=x0.device).expand(batch, -1)
-        draws = draw_errors(eps_fn, x0, *draw(k), kept, **kw)
+        errors, stderr = mc_mean_stderr(draw_errors(eps_fn, x0, *draw(k), kept, **kw))
         evals = batch * k * num_classes
     else:
-        kept, draws = _pruned_draws(eps_fn, x0, num_classes, k, prune_k, prune_keep, draw, **kw)
+        kept, draws, first = _pruned_draws(eps_fn, x0, num_classes, k, prune_k, prune_keep, draw, **kw)
         evals = batch * (prune_k * num_classes + (k - prune_k) * prune_keep)
-    mean, stderr = mc_mean_stderr(draws)
-    errors = _scatter_kept(kept, mean, num_classes, float("inf"))
+        kept_mean, kept_stderr = mc_mean_stderr(draws)
+        first_mean, first_stderr = mc_mean_stderr(first)
+        errors = shifted_errors(first_mean, kept, kept_mean)
+        stderr = first_stderr.scatter(1, kept, kept_stderr)
     probs = posterior(errors, tau_mc)
-    return McResult(probs, errors, _scatter_kept(kept, stderr, num_classes, float("nan")),
-                    evals, probs.argmax(-1))
+    pred = kept.gather(1, errors.gather(1, kept).argmin(1, keepdim=True)).squeeze(1)
+    return McResult(probs, errors, stderr, evals, pred, kept)

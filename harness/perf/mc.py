@@ -27,7 +27,7 @@ import torch
 from genrep.diffusion import make_scheduler
 from genrep.metrics import top1
 from genrep.model import GenRepModel, build_model
-from genrep.posterior import mc_posterior
+from genrep.posterior import mc_posterior, posterior
 from harness.perf.common import (Row, Settings, process_group, teacher_default,
                                  teacher_full, teacher_off, trial)
 
@@ -92,11 +92,26 @@ def classify(model: GenRepModel, x, k: int, seed: int, prune: tuple[int, int] | 
     return res, time.perf_counter() - start
 
 
+def tv(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean total variation ½ Σ_c |p_c − q_c| over the images."""
+    return 0.5 * (p - q).abs().sum(-1).mean().item()
+
+
+def zeroed(res, tau: float = 1.0) -> torch.Tensor:
+    """The posterior with every pruned class at 0, renormalised over the kept ones: what the
+    teacher gave before pruned classes kept their shifted first-round estimates."""
+    kept = torch.zeros_like(res.errors, dtype=torch.bool).scatter(1, res.kept, True)
+    return posterior(res.errors.masked_fill(~kept, float("inf")), tau)
+
+
 def mc_comparison(model, x, y, k: int, prune: tuple[int, int], seeds: int, chunk: int) -> dict[str, Any]:
     """Top-1, evaluations and seconds of the full and the pruned classifier on the same images."""
     out: dict[str, list] = {key: [] for key in ("acc_full", "acc_pruned", "t_full", "t_pruned",
                                                 "agree_pruned_full", "agree_full_full", "label_kept",
-                                                "qmax_full", "tv_pruned_full", "tv_full_full")}
+                                                "qmax_full", "tv_pruned_full", "tv_full_full",
+                                                "tv_zeroed_full", "qmax_full_sharp",
+                                                "tv_pruned_full_sharp", "tv_full_full_sharp",
+                                                "tv_zeroed_full_sharp")}
     evals = {}
     for s in range(seeds):
         full, t_full = classify(model, x, k, 2 * s, None, chunk)
@@ -104,17 +119,26 @@ def mc_comparison(model, x, y, k: int, prune: tuple[int, int], seeds: int, chunk
         if s == 0:  # the Monte Carlo noise floor: two full estimates on different draws
             other, _ = classify(model, x, k, 1, None, chunk)
             out["agree_full_full"].append((other.pred == full.pred).float().mean().item())
-            out["tv_full_full"].append(0.5 * (other.probs - full.probs).abs().sum(-1).mean().item())
+            out["tv_full_full"].append(tv(other.probs, full.probs))
+            sharp = 1.0 / x[0].numel()
+            out["tv_full_full_sharp"].append(tv(posterior(other.errors, sharp), posterior(full.errors, sharp)))
         evals = {"full": full.evals / len(x), "pruned": pruned.evals / len(x)}
         out["acc_full"].append(top1(full.pred, y))
         out["acc_pruned"].append(top1(pruned.pred, y))
         out["t_full"].append(t_full)
         out["t_pruned"].append(t_pruned)
         out["agree_pruned_full"].append((pruned.pred == full.pred).float().mean().item())
-        out["label_kept"].append((pruned.probs.gather(1, y[:, None]) > 0).float().mean().item())
-        # the distillation target: how sharp q is, and how far pruning moves it (total variation)
+        out["label_kept"].append((pruned.kept == y[:, None]).any(1).float().mean().item())
+        # the distillation target: how sharp q is, and how far pruning moves it (total variation):
+        # the shipped estimate (pruned classes shifted), pruned classes at 0 (the estimator
+        # before), and both at a sharper τ = 1/D (errors summed over the D pixels, the ELBO's scale)
         out["qmax_full"].append(full.probs.max(-1).values.mean().item())
-        out["tv_pruned_full"].append(0.5 * (pruned.probs - full.probs).abs().sum(-1).mean().item())
+        out["tv_pruned_full"].append(tv(pruned.probs, full.probs))
+        out["tv_zeroed_full"].append(tv(zeroed(pruned), full.probs))
+        sharp = 1.0 / x[0].numel()
+        out["qmax_full_sharp"].append(posterior(full.errors, sharp).max(-1).values.mean().item())
+        out["tv_pruned_full_sharp"].append(tv(posterior(pruned.errors, sharp), posterior(full.errors, sharp)))
+        out["tv_zeroed_full_sharp"].append(tv(zeroed(pruned, sharp), posterior(full.errors, sharp)))
     mean = {key: statistics.fmean(v) for key, v in out.items()}
     diffs = [a - b for a, b in zip(out["acc_pruned"], out["acc_full"])]
     sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None  # 1 seed: none
@@ -169,9 +193,9 @@ def finetune(settings: Settings, trained: GenRepModel, overrides: dict[str, Any]
 
 
 def p3acc_row(settings: Settings, model, x, y, urls) -> Row:
-    """Mean over ``p3b_seeds`` seeds of the paired difference default − full (points), with its
+    """Mean over ``acc_seeds`` seeds of the paired difference default − full (points), with its
     standard error; the teacher-off head beside them."""
-    seeds = list(range(settings.p3b_seeds))
+    seeds = list(range(settings.acc_seeds))
     res: dict[str, list[dict]] = {"off": [], "default": [], "full": []}
     with process_group():
         for seed in seeds:

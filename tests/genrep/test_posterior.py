@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from genrep.diffusion import make_scheduler, q_sample
-from genrep.posterior import class_errors, draw_mc, mc_posterior, posterior
+from genrep.posterior import (class_errors, draw_mc, first_round_strata, mc_posterior, posterior,
+                              shifted_errors)
 
 T = 100
 AC = make_scheduler(num_train_timesteps=T).alphas_cumprod
@@ -72,17 +73,47 @@ def test_per_image_candidate_classes():
         assert torch.allclose(errors[b], ref[0], atol=1e-6)
 
 
-def test_pruning_evals_zeros_and_prediction():
+def test_pruning_evals_and_prediction():
     x0, k, keep, pk = torch.zeros(3, 1, 2, 2), 6, 2, 2
     full = mc_posterior(known_eps_fn, x0, 6, k, AC, generator=torch.Generator().manual_seed(4))
     pruned = mc_posterior(known_eps_fn, x0, 6, k, AC, chunk_size=5, prune_k=pk, prune_keep=keep,
                           generator=torch.Generator().manual_seed(4))
     assert full.evals == 3 * k * 6
     assert pruned.evals == 3 * (pk * 6 + (k - pk) * keep)
-    assert ((pruned.probs[:, 2:] == 0).all() and torch.isinf(pruned.errors[:, 2:]).all())
-    assert torch.allclose(pruned.errors[:, :2], (A[:2] ** 2).expand(3, -1), atol=1e-4)
+    assert torch.equal(pruned.kept.sort(1).values, torch.tensor([[0, 1]] * 3))
+    # every draw's error is a_c² exactly: the shift is 0 and the pruned posterior is the full one
+    assert torch.allclose(pruned.errors, (A**2).expand(3, -1), atol=1e-4)
+    assert torch.allclose(pruned.probs, full.probs, atol=1e-5)
+    assert (pruned.probs[:, 2:] > 0).all()
     assert torch.equal(pruned.pred, full.pred) and (full.pred == 0).all()
     assert torch.allclose(pruned.probs.sum(-1), torch.ones(3))
+
+
+def test_shifted_errors_by_hand():
+    first = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 1.0, 2.0, 9.0]])
+    kept = torch.tensor([[0, 1], [1, 2]])
+    kept_full = torch.tensor([[1.2, 2.6], [1.5, 2.1]])  # shifts +0.2, +0.6 and +0.5, +0.1
+    out = shifted_errors(first, kept, kept_full)
+    assert torch.allclose(out, torch.tensor([[1.2, 2.6, 3.4, 4.4], [5.3, 1.5, 2.1, 9.3]]))
+
+
+def test_pruned_errors_are_full_for_kept_and_shifted_first_round_for_pruned():
+    g = torch.Generator().manual_seed(6)
+    x0, k, pk, keep, n_cls = torch.randn(4, 1, 3, 3, generator=g), 4, 2, 2, 5
+    full = mc_posterior(random_eps_fn, x0, n_cls, k, AC, generator=torch.Generator().manual_seed(7))
+    pruned = mc_posterior(random_eps_fn, x0, n_cls, k, AC, prune_k=pk, prune_keep=keep,
+                          generator=torch.Generator().manual_seed(7))  # the same K draws
+    t, eps = draw_mc(k, 4, (1, 3, 3), T, torch.Generator().manual_seed(7))
+    first = first_round_strata(k, pk)
+    e1, _ = class_errors(random_eps_fn, x0, t[:, first], eps[:, first], torch.arange(n_cls), AC)
+    kept = pruned.kept
+    assert torch.equal(kept.sort(1).values, e1.topk(keep, 1, largest=False).indices.sort(1).values)
+    assert torch.allclose(pruned.errors.gather(1, kept), full.errors.gather(1, kept), atol=1e-6)
+    shift = (full.errors.gather(1, kept) - e1.gather(1, kept)).mean(1, keepdim=True)
+    pruned_mask = torch.ones(4, n_cls, dtype=torch.bool).scatter(1, kept, False)
+    assert torch.allclose(pruned.errors[pruned_mask], (e1 + shift)[pruned_mask], atol=1e-6)
+    best_kept = kept.gather(1, full.errors.gather(1, kept).argmin(1, keepdim=True)).squeeze(1)
+    assert torch.equal(pruned.pred, best_kept)
 
 
 def test_tiny_unet_through_mc_posterior():
