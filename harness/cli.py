@@ -102,7 +102,7 @@ def cmd_perf(args) -> int:
     if unknown:
         print(f"error: unknown perf id(s) {unknown}; known: {list(IDS)}", file=sys.stderr)
         return 2
-    quick = dict(repeats=3, warmup=1, p3b_steps=100, p3b_images=64, p3b_seeds=1) if args.quick else {}
+    quick = dict(repeats=3, warmup=1, p3b_steps=100, p3b_images=64, p3b_seeds=1, acc_seeds=1) if args.quick else {}
     given = {k: v for k, v in (("repeats", args.repeats), ("p3b_steps", args.p3b_steps)) if v is not None}
     settings = Settings(sweep=load(args.sweep), ids=tuple(i for i in ids if i not in skip),
                         quick=args.quick, threads=args.threads, out=args.out, **{**quick, **given})

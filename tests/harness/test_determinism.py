@@ -99,3 +99,24 @@ def test_resume_from_checkpoint_is_bitwise_exact(sweep, strategy, tmp_path):
     step_fn, loader = make_run(cfg, urls, strategy, 0)
     assert load_checkpoint(tmp_path, step_fn, loader) == 2
     assert head + train(step_fn, loader, 2, 5) == straight
+
+
+def test_distillation_term_is_averaged_over_the_whole_batch(sweep):
+    """A scored image's target weighs what its label does: L_ce + β·(n/B)·L_kd(first n), for a
+    teacher that scored n = 2 of B = 8 images (harness.step.Step.perception_loss)."""
+    from harness.config import apply_overrides
+    from genrep.losses import cross_entropy, distillation_loss
+
+    cfg, urls = sweep
+    trial = apply_overrides(cfg.trial("sum", 0), {"method.beta_kd": 0.5})
+    step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
+    x, y = next(forever(make_loader(urls["train"], 8, seed=0)))
+    q = torch.softmax(torch.randn(2, 10, generator=torch.Generator().manual_seed(0)), -1)
+    model = step_fn.net.model
+    with torch.no_grad():
+        loss, metrics = step_fn.perception_loss(model, x, y, q)
+        logits = model.logits(x)
+        ce, _ = cross_entropy(logits, y)
+        kd, _ = distillation_loss(logits[:2], q, trial.method.tau_kd)
+    assert torch.allclose(loss, ce + 0.5 * (2 / 8) * kd, atol=1e-6)
+    assert torch.allclose(metrics["loss_kd"], kd)  # the logged term stays the scored images' mean
