@@ -54,6 +54,11 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     if address:
         ray.init(address=address, **quiet)
     else:
+        # One machine has no other node to lose: Ray Train's preemption watcher (an actor per
+        # trial polling for node preemption notices) only costs a process start, ~1.5 CPU-s a
+        # trial (docs/performance.md, P5). A cluster keeps it.
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get(
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train V2 needs to
         # clean up the placement groups of finished trials; without it they leak and later
         # trials time out waiting for CPUs.

@@ -16,10 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import SweepConfig, TrialConfig, from_dict, replace_path  # noqa: F401
-from harness.data import ensure_packed, load_manifest, shard_urls
-from harness.worker import train_loop
 
+# This module stays free of torch, DeepSpeed, diffusers and webdataset at import time: the Tune
+# trainable (run_trial) and the Train controller (which unpickles train_loop) import it in their
+# own Ray worker processes, which need none of them; importing the worker's stack there cost
+# ~2 CPU-seconds per process and trial (docs/performance.md, P5). Only the Train workers import it.
 log = logging.getLogger("harness")
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's ``train_loop_per_worker``: :func:`harness.worker.train_loop`, imported here,
+    in the Train worker that runs it."""
+    from harness.worker import train_loop as run
+
+    return run(config)
 
 
 def data_root(sweep: SweepConfig) -> Path:
@@ -48,6 +58,8 @@ def urls_key(urls: str | dict[str, str]) -> str:
 
 def prepare_data(sweep: SweepConfig) -> dict[str, Any]:
     """Pack the dataset on first use (driver side) and return the shard URLs per split."""
+    from harness.data import ensure_packed, load_manifest, shard_urls
+
     d = sweep.data
     if d.urls:
         return url_patterns(d.urls) | {"cache": str(data_root(sweep)), "key": urls_key(d.urls)}
@@ -82,12 +94,13 @@ def torch_config(cfg: TrialConfig):
 
 
 def worker_env() -> dict[str, str]:
-    """Environment the Train workers need: quiet DeepSpeed, its JIT cache, the venv's ninja."""
+    """Environment the Train workers need: the user's DeepSpeed and cache settings, the venv's
+    ninja on PATH, quiet warnings. Each worker sets the rest itself before DeepSpeed is imported
+    (``harness.engine.prepare_environment``: the JIT cache of its own venv, and the CPU
+    accelerator only where *that* node has no CUDA device; decided here, in the Tune trainable,
+    a CPU-only head node would have sent DS_ACCELERATOR=cpu to GPU workers)."""
     import sys
 
-    from harness.engine import prepare_environment
-
-    prepare_environment()
     keys = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "GENREP_VERBOSE", "GENREP_CACHE",
             "GENREP_FAULT_KILL_AT_STEP", "GENREP_FAULT_NAN_AT_STEP")  # test-only fault hooks
     env = {k: os.environ[k] for k in keys if k in os.environ}

@@ -142,6 +142,52 @@ class CpuSampler:
         return {k: round(v, 1) for k, v in out.items()}
 
 
+def _bare_loop_rank(index: int, raw: dict, steps: int, barrier, out: str) -> None:
+    """P5's machine floor: ``steps`` bare training steps (P1's reference loop, 1 thread) of the
+    sweep's trial, timed after warm-up; with a barrier, every process starts timing together."""
+    torch.set_num_threads(1)
+    from harness.config import from_dict
+    from harness.perf.common import synthetic_batch
+    from harness.perf.steps import BareLoop
+
+    sweep = from_dict(raw)
+    cfg = sweep.trial("sum", sweep.seeds[0])
+    loop, (x, y) = BareLoop(cfg), synthetic_batch(cfg)
+    for step in range(3):
+        loop(x, y, step)
+    if barrier is not None:
+        barrier.wait()
+    start = time.perf_counter()
+    for step in range(steps):
+        loop(x, y, 3 + step)
+    Path(out, f"{index}.json").write_text(json.dumps(time.perf_counter() - start))
+
+
+def two_loops(settings: Settings, steps: int) -> dict[str, Any]:
+    """What this machine gives two single-threaded trainings at once, with no Ray and no start-up:
+    the bare loop alone (twice, one after the other) and two of it at the same time. Their ratio
+    is the most any scheduler can make of two trials here (a shared cache, memory bandwidth or a
+    hypervisor's vCPUs make it less than 2)."""
+    ctx = mp.get_context("spawn")
+    raw = plain(settings.sweep)
+    with tempfile.TemporaryDirectory(prefix="genrep-perf-p5-bare-") as tmp:
+        alone = []
+        for i in range(2):
+            p = ctx.Process(target=_bare_loop_rank, args=(i, raw, steps, None, tmp))
+            p.start()
+            p.join()
+            alone.append(json.loads(Path(tmp, f"{i}.json").read_text()))
+        barrier = ctx.Barrier(2)
+        procs = [ctx.Process(target=_bare_loop_rank, args=(2 + i, raw, steps, barrier, tmp)) for i in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        together = [json.loads(Path(tmp, f"{2 + i}.json").read_text()) for i in range(2)]
+    return {"steps": steps, "alone_s": alone, "together_s": together,
+            "ratio": sum(alone) / max(together)}
+
+
 def warm_reference(settings: Settings) -> None:
     """Train (or load) the cached reference classifier now, so neither timed sweep pays for it."""
     from harness.evaluate import reference_classifier
@@ -172,7 +218,7 @@ def p5_row(settings: Settings) -> Row:
                     df = run_sweep(path, overwrite=True)
                 walls[concurrent] = time.perf_counter() - start
                 cpu[concurrent] = sampler.by_role()
-                top[concurrent] = sampler.top()
+                top[concurrent] = sampler.top(24)
                 if not (df["status"] == "ok").all():
                     raise RuntimeError(f"P5: a trial failed (max_concurrent {concurrent})")
     finally:
@@ -180,13 +226,16 @@ def p5_row(settings: Settings) -> Row:
     cores = len(os.sched_getaffinity(0))
     # the best a concurrent run can do on `cores` cores is all of them busy: wall ≥ CPU / cores
     bound = walls[1] / (sum(cpu[2].values()) / cores)
+    machine = two_loops(settings, 5 if settings.quick else 40)  # a steady state: 40 steps suffice
     raw = {"serial_wall_s": walls[1], "concurrent_wall_s": walls[2], "trials": 2,
            "steps_per_trial": p5_steps(settings), "load_before": loads,
            "cpu_s_serial": cpu[1], "cpu_s_concurrent": cpu[2], "cores": cores,
-           "cpu_bound_ratio": bound, "top_processes_concurrent": top[2]}
+           "cpu_bound_ratio": bound, "bare_loops": machine,
+           "top_processes_serial": top[1], "top_processes_concurrent": top[2]}
     return Row("P5", "serial ÷ concurrent wall, 2 Ray Tune trials on 2 cores", walls[1] / walls[2],
                ">=", 1.8, raw, note=f"CPU-bound ceiling serial ÷ (concurrent CPU s / {cores} cores) "
-                                    f"= {bound:.2f}")
+                                    f"= {bound:.2f}; two bare loops at once, no Ray: "
+                                    f"{machine['ratio']:.2f}")
 
 
 # ---------------------------------------------------------------- P6

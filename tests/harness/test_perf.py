@@ -113,3 +113,25 @@ def test_perf_update_remeasures_one_row_and_keeps_the_others(tmp_path, tiny):
 def test_perf_rejects_unknown_ids(tmp_path, capsys):
     assert main(["perf", "--only", "P1,P9", "--out", str(tmp_path)]) == 2
     assert "P9" in capsys.readouterr().err
+
+
+def test_p5_machine_floor_two_bare_loops(tiny):
+    """P5's machine floor runs for real: the bare loop alone twice, then two at once (spawned)."""
+    from harness.config import from_dict
+    from harness.perf.common import Settings
+    from harness.perf.system import two_loops
+
+    settings = Settings(sweep=from_dict(tiny()), quick=True)
+    got = two_loops(settings, steps=2)
+    assert got["steps"] == 2 and len(got["alone_s"]) == len(got["together_s"]) == 2
+    assert all(t > 0 for t in got["alone_s"] + got["together_s"])
+    assert got["ratio"] == pytest.approx(sum(got["alone_s"]) / max(got["together_s"]))
+
+
+def test_cpu_sampler_roles():
+    from harness.perf.system import CpuSampler
+
+    assert CpuSampler.role("ray::RayTrainWorker.run") == "train_workers"
+    assert CpuSampler.role("ray::TrainController.run") == "ray_other"
+    assert CpuSampler.role("/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server --x") == "ray_other"
+    assert CpuSampler.role("/usr/bin/python -m pytest") == "other"

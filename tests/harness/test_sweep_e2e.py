@@ -37,6 +37,11 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny, ray_local, capsys):
 
     assert main(["sweep", str(path)]) == 0
     df = results.read_results(tmp_path / "out")
+    # the embedded cluster runs no preemption watcher (one machine has no node to lose: P5)
+    from ray.util.state import list_actors
+
+    ran = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert {"TrainController", "RayTrainWorker"} <= ran and "PreemptionWatcher" not in ran
 
     assert set(results.COLUMNS) <= set(df.columns)
     assert sorted(df["strategy"].unique()) == sorted(STRATEGIES)
