@@ -142,50 +142,56 @@ class CpuSampler:
         return {k: round(v, 1) for k, v in out.items()}
 
 
-def _bare_loop_rank(index: int, raw: dict, steps: int, barrier, out: str) -> None:
-    """P5's machine floor: ``steps`` bare training steps (P1's reference loop, 1 thread) of the
-    sweep's trial, timed after warm-up; with a barrier, every process starts timing together."""
+def _training_rank(index: int, raw: dict, steps: int, barrier, out: str) -> None:
+    """P5's machine floor: ``steps`` of the trial's own training step (``make_step``: DeepSpeed
+    engine, the sweep's teacher), 1 thread, no Ray, timed after warm-up (wall and CPU seconds);
+    with a barrier, every process starts timing together."""
     torch.set_num_threads(1)
     from harness.config import from_dict
     from harness.perf.common import synthetic_batch
-    from harness.perf.steps import BareLoop
+    from harness.step import Shard, make_step
 
     sweep = from_dict(raw)
     cfg = sweep.trial("sum", sweep.seeds[0])
-    loop, (x, y) = BareLoop(cfg), synthetic_batch(cfg)
-    for step in range(3):
-        loop(x, y, step)
-    if barrier is not None:
-        barrier.wait()
-    start = time.perf_counter()
-    for step in range(steps):
-        loop(x, y, 3 + step)
-    Path(out, f"{index}.json").write_text(json.dumps(time.perf_counter() - start))
+    with process_group():
+        step_fn = make_step(cfg, Shard(0, 1, cfg.train.batch_size), torch.device("cpu"))
+        x, y = synthetic_batch(cfg)
+        warm = max(cfg.method.mc.every, 2)  # a whole teacher period
+        for step in range(warm):
+            step_fn(x, y, step)
+        if barrier is not None:
+            barrier.wait()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for step in range(warm, warm + steps):
+            step_fn(x, y, step)
+        took = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    Path(out, f"{index}.json").write_text(json.dumps(took))
 
 
-def two_loops(settings: Settings, steps: int) -> dict[str, Any]:
+def two_trainings(settings: Settings, steps: int) -> dict[str, Any]:
     """What this machine gives two single-threaded trainings at once, with no Ray and no start-up:
-    the bare loop alone (twice, one after the other) and two of it at the same time. Their ratio
-    is the most any scheduler can make of two trials here (a shared cache, memory bandwidth or a
-    hypervisor's vCPUs make it less than 2)."""
+    the trial's training step alone (twice, one after the other) and two of it at the same time.
+    Their ratio is the most any scheduler can make of two trials here (shared caches and memory
+    bandwidth, or a hypervisor's vCPUs, make it less than 2)."""
     ctx = mp.get_context("spawn")
     raw = plain(settings.sweep)
-    with tempfile.TemporaryDirectory(prefix="genrep-perf-p5-bare-") as tmp:
-        alone = []
-        for i in range(2):
-            p = ctx.Process(target=_bare_loop_rank, args=(i, raw, steps, None, tmp))
-            p.start()
-            p.join()
-            alone.append(json.loads(Path(tmp, f"{i}.json").read_text()))
-        barrier = ctx.Barrier(2)
-        procs = [ctx.Process(target=_bare_loop_rank, args=(2 + i, raw, steps, barrier, tmp)) for i in range(2)]
+
+    def run(indices, barrier, tmp):
+        procs = [ctx.Process(target=_training_rank, args=(i, raw, steps, barrier, tmp)) for i in indices]
         for p in procs:
             p.start()
         for p in procs:
             p.join()
-        together = [json.loads(Path(tmp, f"{2 + i}.json").read_text()) for i in range(2)]
-    return {"steps": steps, "alone_s": alone, "together_s": together,
-            "ratio": sum(alone) / max(together)}
+            if p.exitcode != 0:
+                raise RuntimeError(f"P5: a training process failed (exit code {p.exitcode})")
+        return [json.loads(Path(tmp, f"{i}.json").read_text()) for i in indices]
+
+    with tempfile.TemporaryDirectory(prefix="genrep-perf-p5-two-") as tmp:
+        alone = run([0], None, tmp) + run([1], None, tmp)
+        together = run([2, 3], ctx.Barrier(2), tmp)
+    return {"steps": steps, "alone": alone, "together": together,
+            "ratio": sum(a["wall_s"] for a in alone) / max(t["wall_s"] for t in together),
+            "cpu_inflation": sum(t["cpu_s"] for t in together) / sum(a["cpu_s"] for a in alone)}
 
 
 def warm_reference(settings: Settings) -> None:
@@ -199,6 +205,12 @@ def warm_reference(settings: Settings) -> None:
     reference_classifier(Path(urls["cache"]) / "reference", urls["key"], *train, *val, seed=0)
 
 
+def step_seconds(df) -> list[float]:
+    """Each trial's mean training-step wall time (s), from its train rows."""
+    rows = df[(df["split"] == "train") & (df["metric"] == "step_time")]
+    return [float(v) for v in rows.groupby("trial")["value"].mean()]
+
+
 def p5_row(settings: Settings) -> Row:
     import ray
 
@@ -206,7 +218,7 @@ def p5_row(settings: Settings) -> Row:
 
     warm_reference(settings)
     init_ray()
-    walls, loads, cpu, top = {}, {}, {}, {}
+    walls, loads, cpu, top, steps = {}, {}, {}, {}, {}
     try:
         with tempfile.TemporaryDirectory(prefix="genrep-perf-p5-") as tmp:
             for concurrent in (1, 2):
@@ -221,20 +233,21 @@ def p5_row(settings: Settings) -> Row:
                 top[concurrent] = sampler.top(24)
                 if not (df["status"] == "ok").all():
                     raise RuntimeError(f"P5: a trial failed (max_concurrent {concurrent})")
+                steps[concurrent] = step_seconds(df)
     finally:
         ray.shutdown()
     cores = len(os.sched_getaffinity(0))
     # the best a concurrent run can do on `cores` cores is all of them busy: wall ≥ CPU / cores
     bound = walls[1] / (sum(cpu[2].values()) / cores)
-    machine = two_loops(settings, 5 if settings.quick else 40)  # a steady state: 40 steps suffice
+    machine = two_trainings(settings, 4 if settings.quick else 40)  # steady state: 40 steps
     raw = {"serial_wall_s": walls[1], "concurrent_wall_s": walls[2], "trials": 2,
            "steps_per_trial": p5_steps(settings), "load_before": loads,
            "cpu_s_serial": cpu[1], "cpu_s_concurrent": cpu[2], "cores": cores,
-           "cpu_bound_ratio": bound, "bare_loops": machine,
+           "cpu_bound_ratio": bound, "two_trainings": machine, "step_time_s": steps,
            "top_processes_serial": top[1], "top_processes_concurrent": top[2]}
     return Row("P5", "serial ÷ concurrent wall, 2 Ray Tune trials on 2 cores", walls[1] / walls[2],
                ">=", 1.8, raw, note=f"CPU-bound ceiling serial ÷ (concurrent CPU s / {cores} cores) "
-                                    f"= {bound:.2f}; two bare loops at once, no Ray: "
+                                    f"= {bound:.2f}; two trainings at once without Ray: "
                                     f"{machine['ratio']:.2f}")
 
 

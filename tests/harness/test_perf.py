@@ -115,17 +115,19 @@ def test_perf_rejects_unknown_ids(tmp_path, capsys):
     assert "P9" in capsys.readouterr().err
 
 
-def test_p5_machine_floor_two_bare_loops(tiny):
-    """P5's machine floor runs for real: the bare loop alone twice, then two at once (spawned)."""
+def test_p5_machine_floor_two_trainings(tiny):
+    """P5's machine floor runs for real: the trial's training step (a DeepSpeed engine in its own
+    gloo group) alone twice, then two processes at once."""
     from harness.config import from_dict
     from harness.perf.common import Settings
-    from harness.perf.system import two_loops
+    from harness.perf.system import two_trainings
 
     settings = Settings(sweep=from_dict(tiny()), quick=True)
-    got = two_loops(settings, steps=2)
-    assert got["steps"] == 2 and len(got["alone_s"]) == len(got["together_s"]) == 2
-    assert all(t > 0 for t in got["alone_s"] + got["together_s"])
-    assert got["ratio"] == pytest.approx(sum(got["alone_s"]) / max(got["together_s"]))
+    got = two_trainings(settings, steps=2)
+    assert got["steps"] == 2 and len(got["alone"]) == len(got["together"]) == 2
+    walls = [r["wall_s"] for r in got["alone"] + got["together"]]
+    assert all(t > 0 for t in walls) and all(r["cpu_s"] > 0 for r in got["alone"] + got["together"])
+    assert got["ratio"] == pytest.approx((walls[0] + walls[1]) / max(walls[2:]))
 
 
 def test_cpu_sampler_roles():
