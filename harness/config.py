@@ -116,7 +116,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
-    zero_stage: int = 0
+    zero_stage: int = 0  # across the data-parallel ranks; one rank runs stage 0 (harness.engine)
+    # keep zero_stage even on one rank, where it partitions nothing (benchmarks: perf P1)
+    zero_on_one_rank: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 

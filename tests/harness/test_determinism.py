@@ -120,3 +120,21 @@ def test_distillation_term_is_averaged_over_the_whole_batch(sweep):
         kd, _ = distillation_loss(logits[:2], q, trial.method.tau_kd)
     assert torch.allclose(loss, ce + 0.5 * (2 / 8) * kd, atol=1e-6)
     assert torch.allclose(metrics["loss_kd"], kd)  # the logged term stays the scored images' mean
+
+
+def test_one_rank_runs_zero_stage_0_with_the_same_parameters(sweep):
+    """ZeRO-1 on one data-parallel rank partitions nothing: the engine runs stage 0 (what the
+    flat-buffer copies cost: perf P1), and the parameters equal those of the kept stage 1."""
+    from harness.config import apply_overrides
+
+    cfg, urls = sweep
+    params = {}
+    for keep in (False, True):
+        trial = apply_overrides(cfg.trial("sum", 0), {"deepspeed.zero_stage": 1,
+                                                     "deepspeed.zero_on_one_rank": keep})
+        step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
+        loader = make_loader(urls["train"], trial.train.batch_size, seed=0)
+        assert step_fn.net.engine.zero_optimization_stage() == (1 if keep else 0)
+        train(step_fn, loader, 0, 3)
+        params[keep] = torch.cat([p.detach().reshape(-1) for p in step_fn.net.model.parameters()])
+    assert (params[False] - params[True]).abs().max().item() < 1e-6
