@@ -103,7 +103,8 @@ def cmd_perf(args) -> int:
         print(f"error: unknown perf id(s) {unknown}; known: {list(IDS)}", file=sys.stderr)
         return 2
     quick = dict(repeats=3, warmup=1, p3b_steps=100, p3b_images=64, p3b_seeds=1, acc_seeds=1) if args.quick else {}
-    given = {k: v for k, v in (("repeats", args.repeats), ("p3b_steps", args.p3b_steps)) if v is not None}
+    given = {k: v for k, v in (("repeats", args.repeats), ("p3b_steps", args.p3b_steps),
+                                ("p5_steps", args.p5_steps)) if v is not None}
     settings = Settings(sweep=load(args.sweep), ids=tuple(i for i in ids if i not in skip),
                         quick=args.quick, threads=args.threads, out=args.out, **{**quick, **given})
     if args.profile:
@@ -182,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
                    help="keep the rows of <out>/perf.json this run does not measure (with --only)")
     s.add_argument("--threads", type=int, default=1, help="torch threads (the worker uses 1)")
     s.add_argument("--p3b-steps", type=int, help="training steps of the P3b model (0 = untrained)")
+    s.add_argument("--p5-steps", type=int,
+                   help="training steps of each P5 trial (default: the smoke sweep's 120)")
     s.add_argument("--profile", action="store_true",
                    help="only write torch.profiler tables of the P1/P2 steps to <out>/profile.txt")
     s.set_defaults(fn=cmd_perf, verbose=False)

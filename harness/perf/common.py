@@ -46,6 +46,7 @@ class Settings:
     # P3acc: paired seeds; a 40-step head's top-1 moves ±1 point from seed to seed, so 3 seeds
     # left the paired difference's standard error at ~0.6 points against a 1-point target
     acc_seeds: int = 5
+    p5_steps: int | None = None  # each P5 trial's length (None: the smoke sweep's 120; quick 20)
     out: str = "results/perf"
 
 

@@ -3,7 +3,8 @@
 P4  webdataset loader images/s (PNG decode, 1 thread, no DataLoader workers: what a worker with
     ``num_workers: 0`` does between steps) ÷ the harness training step's images/s (P1's ``sum``);
 P5  2 tiny real Ray Tune trials through ``run_sweep``: serial wall (max_concurrent 1) ÷
-    concurrent wall (max_concurrent 2);
+    concurrent wall (max_concurrent 2), with every process's CPU seconds by role, and beside it
+    the machine's own ceiling: two of the trial's training steps at once without Ray;
 P6  optimizer-state bytes per worker, ZeRO-2 ÷ ZeRO-0, real engines in 2 spawned gloo processes;
 P7  ``genrep-bench sweep sweeps/smoke.yaml`` wall time, in a fresh process, into a temp dir
     (packed shards and the reference classifier come from the shared cache: a warm-cache figure).
@@ -65,7 +66,9 @@ def p5_sweep(settings: Settings, out: Path, concurrent: int) -> dict[str, Any]:
 
 
 def p5_steps(settings: Settings) -> int:
-    """The smoke sweep's trial length (120 steps); 20 with --quick."""
+    """``--p5-steps``, or the smoke sweep's trial length (120 steps); 20 with --quick."""
+    if settings.p5_steps is not None:
+        return settings.p5_steps
     return 20 if settings.quick else 120
 
 
@@ -245,7 +248,8 @@ def p5_row(settings: Settings) -> Row:
            "cpu_s_serial": cpu[1], "cpu_s_concurrent": cpu[2], "cores": cores,
            "cpu_bound_ratio": bound, "two_trainings": machine, "step_time_s": steps,
            "top_processes_serial": top[1], "top_processes_concurrent": top[2]}
-    return Row("P5", "serial ÷ concurrent wall, 2 Ray Tune trials on 2 cores", walls[1] / walls[2],
+    return Row("P5", f"serial ÷ concurrent wall, 2 Ray Tune trials of {p5_steps(settings)} steps on 2 cores",
+               walls[1] / walls[2],
                ">=", 1.8, raw, note=f"CPU-bound ceiling serial ÷ (concurrent CPU s / {cores} cores) "
                                     f"= {bound:.2f}; two trainings at once without Ray: "
                                     f"{machine['ratio']:.2f}")
