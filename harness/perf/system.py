@@ -85,6 +85,7 @@ class CpuSampler:
         import threading
 
         self.period, self.seen, self.base = period, {}, {}
+        self.threads: dict[tuple[int, int], tuple[str, float]] = {}  # Train workers' threads
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -103,12 +104,35 @@ class CpuSampler:
             out[int(entry.name)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
         return out
 
+    @staticmethod
+    def thread_snapshot(pid: int) -> dict[int, tuple[str, float]]:
+        """tid -> (thread name, CPU seconds) of one process's threads."""
+        tick, out = os.sysconf("SC_CLK_TCK"), {}
+        try:
+            tasks = list(os.scandir(f"/proc/{pid}/task"))
+        except OSError:
+            return out
+        for entry in tasks:
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+            fields = rest.split()
+            out[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        return out
+
     def _update(self) -> None:
         """Each pid's largest CPU figure, and its last non-empty command line (an exiting process,
-        a zombie, still shows its CPU time in /proc but an empty command line)."""
+        a zombie, still shows its CPU time in /proc but an empty command line); the same per
+        thread for the Train workers."""
         for pid, (cmd, cpu) in self.snapshot().items():
             old_cmd, old_cpu = self.seen.get(pid, ("", -1.0))
             self.seen[pid] = (cmd or old_cmd, max(cpu, old_cpu))
+            if self.role(self.seen[pid][0]) == "train_workers":
+                for tid, (name, tcpu) in self.thread_snapshot(pid).items():
+                    old = self.threads.get((pid, tid), (name, -1.0))
+                    self.threads[(pid, tid)] = (name, max(tcpu, old[1]))
 
     def _run(self):
         while not self._stop.wait(self.period):
@@ -137,6 +161,21 @@ class CpuSampler:
         used = sorted(((cpu - self.base.get(pid, 0.0), cmd[:80]) for pid, (cmd, cpu) in self.seen.items()),
                       reverse=True)
         return [[round(c, 1), cmd] for c, cmd in used[:n]]
+
+    def worker_threads(self) -> dict[str, float]:
+        """CPU seconds of the Train workers' threads: per worker, its busiest thread (the training
+        loop's, which Ray Train runs beside the actor's own), its main thread and the rest
+        summed by thread name (Python threads carry the process's name)."""
+        per_pid: dict[int, list[tuple[int, str, float]]] = {}
+        for (pid, tid), (name, cpu) in self.threads.items():
+            per_pid.setdefault(pid, []).append((tid, name, cpu))
+        out: dict[str, float] = {}
+        for pid, rows in per_pid.items():
+            busiest = max(rows, key=lambda r: r[2])
+            for tid, name, cpu in rows:
+                key = "busiest" if tid == busiest[0] else "main" if tid == pid else f"other:{name}"
+                out[key] = out.get(key, 0.0) + cpu
+        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.1}
 
     def by_role(self) -> dict[str, float]:
         out = {"train_workers": 0.0, "ray_other": 0.0, "other": 0.0}
@@ -221,7 +260,7 @@ def p5_row(settings: Settings) -> Row:
 
     warm_reference(settings)
     init_ray()
-    walls, loads, cpu, top, steps = {}, {}, {}, {}, {}
+    walls, loads, cpu, top, steps, threads = {}, {}, {}, {}, {}, {}
     try:
         with tempfile.TemporaryDirectory(prefix="genrep-perf-p5-") as tmp:
             for concurrent in (1, 2):
@@ -234,6 +273,7 @@ def p5_row(settings: Settings) -> Row:
                 walls[concurrent] = time.perf_counter() - start
                 cpu[concurrent] = sampler.by_role()
                 top[concurrent] = sampler.top(24)
+                threads[concurrent] = sampler.worker_threads()
                 if not (df["status"] == "ok").all():
                     raise RuntimeError(f"P5: a trial failed (max_concurrent {concurrent})")
                 steps[concurrent] = step_seconds(df)
@@ -247,6 +287,7 @@ def p5_row(settings: Settings) -> Row:
            "steps_per_trial": p5_steps(settings), "load_before": loads,
            "cpu_s_serial": cpu[1], "cpu_s_concurrent": cpu[2], "cores": cores,
            "cpu_bound_ratio": bound, "two_trainings": machine, "step_time_s": steps,
+           "train_worker_threads_cpu_s": threads,
            "top_processes_serial": top[1], "top_processes_concurrent": top[2]}
     return Row("P5", f"serial ÷ concurrent wall, 2 Ray Tune trials of {p5_steps(settings)} steps on 2 cores",
                walls[1] / walls[2],

@@ -137,3 +137,18 @@ def test_cpu_sampler_roles():
     assert CpuSampler.role("ray::TrainController.run") == "ray_other"
     assert CpuSampler.role("/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server --x") == "ray_other"
     assert CpuSampler.role("/usr/bin/python -m pytest") == "other"
+
+
+def test_cpu_sampler_threads():
+    """Per-thread CPU from /proc for real, and the Train workers' threads grouped by hand."""
+    import os
+
+    from harness.perf.system import CpuSampler
+
+    mine = CpuSampler.thread_snapshot(os.getpid())
+    assert os.getpid() in mine and all(cpu >= 0 for _, cpu in mine.values())
+    sampler = CpuSampler()
+    sampler.threads = {(10, 10): ("ray::RayTrainWo", 1.0), (10, 11): ("ray::RayTrainWo", 5.0),
+                       (10, 12): ("gloo_tcp_loop", 0.3), (20, 20): ("ray::RayTrainWo", 0.5),
+                       (20, 21): ("ray::RayTrainWo", 4.0)}
+    assert sampler.worker_threads() == {"busiest": 9.0, "main": 1.5, "other:gloo_tcp_loop": 0.3}
