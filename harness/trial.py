@@ -19,8 +19,9 @@ from harness.config import SweepConfig, TrialConfig, from_dict, replace_path  # 
 
 # This module stays free of torch, DeepSpeed, diffusers and webdataset at import time: the Tune
 # trainable (run_trial) and the Train controller (which unpickles train_loop) import it in their
-# own Ray worker processes, which need none of them; importing the worker's stack there cost
-# ~2 CPU-seconds per process and trial (docs/performance.md, P5). Only the Train workers import it.
+# own Ray worker processes, which need none of the worker's stack (they get torch through
+# ray.train.torch anyway); importing it there cost the trainable ~1 CPU-second a trial (3.5 →
+# 2.4 CPU-s: docs/performance.md, P5). Only the Train workers import harness.worker.
 log = logging.getLogger("harness")
 
 
