@@ -112,7 +112,7 @@ def mc_comparison(model, x, y, k: int, prune: tuple[int, int], seeds: int, chunk
                                                 "tv_zeroed_full", "qmax_full_sharp",
                                                 "tv_pruned_full_sharp", "tv_full_full_sharp",
                                                 "tv_zeroed_full_sharp")}
-    evals = {}
+    evals, sharp = {}, 1.0 / x[0].numel()  # τ = 1/D: errors summed over the D pixels
     for s in range(seeds):
         full, t_full = classify(model, x, k, 2 * s, None, chunk)
         pruned, t_pruned = classify(model, x, k, 2 * s, prune, chunk)
@@ -120,7 +120,6 @@ def mc_comparison(model, x, y, k: int, prune: tuple[int, int], seeds: int, chunk
             other, _ = classify(model, x, k, 1, None, chunk)
             out["agree_full_full"].append((other.pred == full.pred).float().mean().item())
             out["tv_full_full"].append(tv(other.probs, full.probs))
-            sharp = 1.0 / x[0].numel()
             out["tv_full_full_sharp"].append(tv(posterior(other.errors, sharp), posterior(full.errors, sharp)))
         evals = {"full": full.evals / len(x), "pruned": pruned.evals / len(x)}
         out["acc_full"].append(top1(full.pred, y))
@@ -135,7 +134,6 @@ def mc_comparison(model, x, y, k: int, prune: tuple[int, int], seeds: int, chunk
         out["qmax_full"].append(full.probs.max(-1).values.mean().item())
         out["tv_pruned_full"].append(tv(pruned.probs, full.probs))
         out["tv_zeroed_full"].append(tv(zeroed(pruned), full.probs))
-        sharp = 1.0 / x[0].numel()
         out["qmax_full_sharp"].append(posterior(full.errors, sharp).max(-1).values.mean().item())
         out["tv_pruned_full_sharp"].append(tv(posterior(pruned.errors, sharp), posterior(full.errors, sharp)))
         out["tv_zeroed_full_sharp"].append(tv(zeroed(pruned, sharp), posterior(full.errors, sharp)))

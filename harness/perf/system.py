@@ -90,8 +90,15 @@ class CpuSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
+    def stat_cpu(stat: str) -> tuple[str, float]:
+        """(name, user + system CPU seconds) from a /proc/<pid>[/task/<tid>]/stat line."""
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        fields = rest.split()
+        return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
     def snapshot() -> dict[int, tuple[str, float]]:
-        tick, out = os.sysconf("SC_CLK_TCK"), {}
+        out = {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
@@ -100,26 +107,22 @@ class CpuSampler:
                 cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            fields = stat.rsplit(")", 1)[1].split()
-            out[int(entry.name)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+            out[int(entry.name)] = (cmd, CpuSampler.stat_cpu(stat)[1])
         return out
 
     @staticmethod
     def thread_snapshot(pid: int) -> dict[int, tuple[str, float]]:
         """tid -> (thread name, CPU seconds) of one process's threads."""
-        tick, out = os.sysconf("SC_CLK_TCK"), {}
+        out = {}
         try:
             tasks = list(os.scandir(f"/proc/{pid}/task"))
         except OSError:
             return out
         for entry in tasks:
             try:
-                stat = Path(entry.path, "stat").read_text()
+                out[int(entry.name)] = CpuSampler.stat_cpu(Path(entry.path, "stat").read_text())
             except OSError:
                 continue
-            name, rest = stat.split("(", 1)[1].rsplit(")", 1)
-            fields = rest.split()
-            out[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
         return out
 
     def _update(self) -> None:

@@ -145,6 +145,9 @@ def test_cpu_sampler_threads():
 
     from harness.perf.system import CpuSampler
 
+    tick = os.sysconf("SC_CLK_TCK")
+    line = f"42 (ray::a (b) c) S 1 2 3 4 5 6 7 8 9 10 {3 * tick} {tick} 0 0"  # utime 3 s, stime 1 s
+    assert CpuSampler.stat_cpu(line) == ("ray::a (b) c", 4.0)
     mine = CpuSampler.thread_snapshot(os.getpid())
     assert os.getpid() in mine and all(cpu >= 0 for _, cpu in mine.values())
     sampler = CpuSampler()
