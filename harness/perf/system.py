@@ -3,8 +3,10 @@
 P4  webdataset loader images/s (PNG decode, 1 thread, no DataLoader workers: what a worker with
     ``num_workers: 0`` does between steps) ÷ the harness training step's images/s (P1's ``sum``);
 P5  2 tiny real Ray Tune trials through ``run_sweep``: serial wall (max_concurrent 1) ÷
-    concurrent wall (max_concurrent 2), with every process's CPU seconds by role, and beside it
-    the machine's own ceiling: two of the trial's training steps at once without Ray;
+    concurrent wall (max_concurrent 2), with every process's CPU seconds by role, the ratio split
+    into the training steps and the rest, the cores Ray's other processes took beside the
+    training, and two controls: two of the trial's training steps at once without Ray (the
+    machine's ceiling), and the same beside as many idle Ray actors as the trials kept alive;
 P6  optimizer-state bytes per worker, ZeRO-2 ÷ ZeRO-0, real engines in 2 spawned gloo processes;
 P7  ``genrep-bench sweep sweeps/smoke.yaml`` wall time, in a fresh process, into a temp dir
     (packed shards and the reference classifier come from the shared cache: a warm-cache figure).
@@ -12,6 +14,7 @@ P7  ``genrep-bench sweep sweeps/smoke.yaml`` wall time, in a fresh process, into
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,6 +89,9 @@ class CpuSampler:
 
         self.period, self.seen, self.base = period, {}, {}
         self.threads: dict[tuple[int, int], tuple[str, float]] = {}  # Train workers' threads
+        # per sample: (time, {Train worker pid: CPU s}, CPU s of every other process so far,
+        # Ray processes started during the block and alive now, Train workers excepted)
+        self.timeline: list[tuple[float, dict[int, float], float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -129,13 +135,19 @@ class CpuSampler:
         """Each pid's largest CPU figure, and its last non-empty command line (an exiting process,
         a zombie, still shows its CPU time in /proc but an empty command line); the same per
         thread for the Train workers."""
-        for pid, (cmd, cpu) in self.snapshot().items():
+        now, snap = time.perf_counter(), self.snapshot()
+        for pid, (cmd, cpu) in snap.items():
             old_cmd, old_cpu = self.seen.get(pid, ("", -1.0))
             self.seen[pid] = (cmd or old_cmd, max(cpu, old_cpu))
             if self.role(self.seen[pid][0]) == "train_workers":
                 for tid, (name, tcpu) in self.thread_snapshot(pid).items():
                     old = self.threads.get((pid, tid), (name, -1.0))
                     self.threads[(pid, tid)] = (name, max(tcpu, old[1]))
+        train = {pid: cpu for pid, (cmd, cpu) in self.seen.items() if self.role(cmd) == "train_workers"}
+        rest = sum(cpu - self.base.get(pid, 0.0) for pid, (cmd, cpu) in self.seen.items() if pid not in train)
+        actors = sum(1 for pid, (cmd, _) in snap.items() if pid not in self.base and pid not in train
+                     and cmd.startswith("ray::"))
+        self.timeline.append((now, train, rest, actors))
 
     def _run(self):
         while not self._stop.wait(self.period):
@@ -185,6 +197,63 @@ class CpuSampler:
         for pid, (cmd, cpu) in self.seen.items():
             out[self.role(cmd)] += cpu - self.base.get(pid, 0.0)
         return {k: round(v, 1) for k, v in out.items()}
+
+
+def training_intervals(timeline: list[tuple[float, dict[int, float], float, int]],
+                       workers: int, busy: float = 0.5) -> dict[str, float]:
+    """What ran beside the training: over the sampler's intervals in which exactly ``workers``
+    Train workers each used ≥ ``busy`` of a core, the cores every other process used
+    (``background_cores``), the mean cores per Train worker, and the median count of Ray
+    processes the block started (Train workers excepted) that were alive."""
+    span = other = train = 0.0
+    actors = []
+    for (ta, wa, ra, _), (tb, wb, rb, nb) in zip(timeline, timeline[1:]):
+        dt = tb - ta
+        rates = [(wb[pid] - wa[pid]) / dt for pid in wb if pid in wa]
+        if dt <= 0 or sum(r >= busy for r in rates) != workers:
+            continue
+        span, other, train = span + dt, other + (rb - ra), train + sum(r for r in rates if r >= busy) * dt
+        actors.append(nb)
+    if span == 0:
+        return {"seconds": 0.0, "background_cores": math.nan, "worker_cores": math.nan, "ray_actors": 0}
+    return {"seconds": span, "background_cores": other / span, "worker_cores": train / span / workers,
+            "ray_actors": sorted(actors)[len(actors) // 2]}
+
+
+def phase_ratios(serial_wall: float, concurrent_wall: float, steps: int,
+                 serial_step_s: list[float], concurrent_step_s: list[float]) -> dict[str, float]:
+    """P5 split into the trials' training steps and everything else (start-up, evaluation,
+    teardown, scheduling), from each trial's mean step time:
+    T_serial = steps·Σ t_serial, T_concurrent = steps·max t_concurrent (the trials overlap),
+    O = wall − T; training ratio T_serial/T_concurrent, the rest O_serial/O_concurrent.
+    P5 = (T_s + O_s)/(T_c + O_c) lies between the two (a mediant), and as trials lengthen O stays
+    put, so P5 tends to the training ratio: with both below a target, no trial length meets it."""
+    ts, tc = steps * sum(serial_step_s), steps * max(concurrent_step_s)
+    os_, oc = serial_wall - ts, concurrent_wall - tc
+    return {"train_serial_s": ts, "train_concurrent_s": tc, "rest_serial_s": os_, "rest_concurrent_s": oc,
+            "training_ratio": ts / tc, "rest_ratio": os_ / oc if oc > 0 else math.nan}
+
+
+class IdleActor:
+    """A Ray actor that does nothing: what each of a trial's helper processes costs the cores
+    when it only exists (Ray's worker loop, gRPC polls)."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def two_trainings_beside_actors(settings: Settings, steps: int, actors: int) -> dict[str, Any]:
+    """``two_trainings`` (no Ray in the trainings) while ``actors`` idle Ray actors exist: the
+    part of P5's loss that is the mere presence of Ray's per-trial processes."""
+    import ray
+
+    handles = [ray.remote(num_cpus=0)(IdleActor).remote() for _ in range(actors)]
+    try:
+        ray.get([h.pid.remote() for h in handles])
+        return {**two_trainings(settings, steps), "actors": actors}
+    finally:
+        for h in handles:
+            ray.kill(h)
 
 
 def _training_rank(index: int, raw: dict, steps: int, barrier, out: str) -> None:
@@ -256,47 +325,70 @@ def step_seconds(df) -> list[float]:
     return [float(v) for v in rows.groupby("trial")["value"].mean()]
 
 
-def p5_row(settings: Settings) -> Row:
+def p5_sweeps(settings: Settings) -> dict[str, dict]:
+    """Both P5 sweeps on embedded Ray, each inside a ``CpuSampler``; then, on the same Ray, the
+    bare two trainings beside as many idle Ray actors as the concurrent run's trials kept alive
+    while they trained. Keyed by measurement, then by ``max_concurrent``."""
     import ray
 
     from harness.sweep import init_ray, run_sweep
 
-    warm_reference(settings)
+    got: dict[str, dict] = {k: {} for k in ("wall", "load", "cpu", "top", "steps", "threads", "beside")}
     init_ray()
-    walls, loads, cpu, top, steps, threads = {}, {}, {}, {}, {}, {}
     try:
         with tempfile.TemporaryDirectory(prefix="genrep-perf-p5-") as tmp:
-            for concurrent in (1, 2):
-                path = Path(tmp) / f"c{concurrent}.yaml"
-                path.write_text(yaml.safe_dump(p5_sweep(settings, Path(tmp), concurrent)))
-                loads[concurrent] = load_average()
-                start = time.perf_counter()
+            for c in (1, 2):
+                path = Path(tmp) / f"c{c}.yaml"
+                path.write_text(yaml.safe_dump(p5_sweep(settings, Path(tmp), c)))
+                got["load"][c], start = load_average(), time.perf_counter()
                 with CpuSampler() as sampler:
                     df = run_sweep(path, overwrite=True)
-                walls[concurrent] = time.perf_counter() - start
-                cpu[concurrent] = sampler.by_role()
-                top[concurrent] = sampler.top(24)
-                threads[concurrent] = sampler.worker_threads()
+                got["wall"][c] = time.perf_counter() - start
                 if not (df["status"] == "ok").all():
-                    raise RuntimeError(f"P5: a trial failed (max_concurrent {concurrent})")
-                steps[concurrent] = step_seconds(df)
+                    raise RuntimeError(f"P5: a trial failed (max_concurrent {c})")
+                got["cpu"][c], got["top"][c] = sampler.by_role(), sampler.top(24)
+                got["threads"][c], got["steps"][c] = sampler.worker_threads(), step_seconds(df)
+                got["beside"][c] = training_intervals(sampler.timeline, c)
+        actors = max(1, got["beside"][2]["ray_actors"])
+        got["with_actors"] = two_trainings_beside_actors(settings, p5_trainings(settings), actors)
     finally:
         ray.shutdown()
+    return got
+
+
+def p5_trainings(settings: Settings) -> int:
+    """Steps of the bare two-trainings controls: 40 (steady state), 4 with --quick."""
+    return 4 if settings.quick else 40
+
+
+def p5_row(settings: Settings) -> Row:
+    warm_reference(settings)
+    got = p5_sweeps(settings)
+    walls, cpu, beside, with_actors = got["wall"], got["cpu"], got["beside"], got["with_actors"]
     cores = len(os.sched_getaffinity(0))
     # the best a concurrent run can do on `cores` cores is all of them busy: wall ≥ CPU / cores
     bound = walls[1] / (sum(cpu[2].values()) / cores)
-    machine = two_trainings(settings, 4 if settings.quick else 40)  # steady state: 40 steps
+    machine = two_trainings(settings, p5_trainings(settings))
+    phases = phase_ratios(walls[1], walls[2], p5_steps(settings), got["steps"][1], got["steps"][2])
     raw = {"serial_wall_s": walls[1], "concurrent_wall_s": walls[2], "trials": 2,
-           "steps_per_trial": p5_steps(settings), "load_before": loads,
+           "steps_per_trial": p5_steps(settings), "load_before": got["load"],
            "cpu_s_serial": cpu[1], "cpu_s_concurrent": cpu[2], "cores": cores,
-           "cpu_bound_ratio": bound, "two_trainings": machine, "step_time_s": steps,
-           "train_worker_threads_cpu_s": threads,
-           "top_processes_serial": top[1], "top_processes_concurrent": top[2]}
+           "cpu_bound_ratio": bound, **phases,
+           "background_cores_serial": beside[1]["background_cores"],
+           "background_cores_concurrent": beside[2]["background_cores"],
+           "worker_cores_concurrent": beside[2]["worker_cores"],
+           "ray_actors_concurrent": beside[2]["ray_actors"],
+           "two_trainings_ratio": machine["ratio"], "two_trainings_beside_actors_ratio": with_actors["ratio"],
+           "beside_training": beside, "two_trainings": machine, "two_trainings_beside_actors": with_actors,
+           "step_time_s": got["steps"], "train_worker_threads_cpu_s": got["threads"],
+           "top_processes_serial": got["top"][1], "top_processes_concurrent": got["top"][2]}
+    note = (f"training steps {phases['training_ratio']:.2f}, the rest (start-up, evaluation, teardown) "
+            f"{phases['rest_ratio']:.2f}: P5 lies between them at any trial length; beside the concurrent "
+            f"training Ray's other processes used {beside[2]['background_cores']:.2f} cores; CPU-bound "
+            f"ceiling {bound:.2f}; two trainings at once without Ray {machine['ratio']:.2f}, and beside "
+            f"{with_actors['actors']} idle Ray actors {with_actors['ratio']:.2f}")
     return Row("P5", f"serial ÷ concurrent wall, 2 Ray Tune trials of {p5_steps(settings)} steps on 2 cores",
-               walls[1] / walls[2],
-               ">=", 1.8, raw, note=f"CPU-bound ceiling serial ÷ (concurrent CPU s / {cores} cores) "
-                                    f"= {bound:.2f}; two trainings at once without Ray: "
-                                    f"{machine['ratio']:.2f}")
+               walls[1] / walls[2], ">=", 1.8, raw, note=note)
 
 
 # ---------------------------------------------------------------- P6

@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -155,3 +157,70 @@ def test_cpu_sampler_threads():
                        (10, 12): ("gloo_tcp_loop", 0.3), (20, 20): ("ray::RayTrainWo", 0.5),
                        (20, 21): ("ray::RayTrainWo", 4.0)}
     assert sampler.worker_threads() == {"busiest": 9.0, "main": 1.5, "other:gloo_tcp_loop": 0.3}
+
+
+def test_training_intervals_by_hand():
+    """Background cores beside the training, from a hand-made sampler timeline: two Train workers
+    (pids 1, 2) busy in the middle two of three intervals, every other process 0.2 cores there."""
+    from harness.perf.system import training_intervals
+
+    timeline = [(0.0, {1: 0.0}, 0.0, 3),
+                (1.0, {1: 0.9, 2: 0.1}, 0.5, 5),    # worker 2 still starting: 1 busy worker
+                (2.0, {1: 1.8, 2: 1.0}, 0.7, 6),    # both busy (0.9 each), others +0.2
+                (4.0, {1: 3.6, 2: 2.8}, 1.1, 6)]    # both busy over 2 s, others +0.4
+    got = training_intervals(timeline, workers=2)
+    assert got["seconds"] == pytest.approx(3.0)
+    assert got["background_cores"] == pytest.approx(0.6 / 3.0)
+    assert got["worker_cores"] == pytest.approx((0.9 + 0.9 + 1.8 + 1.8) / 3.0 / 2)
+    assert got["ray_actors"] == 6
+    one = training_intervals(timeline, workers=1)
+    assert one["seconds"] == pytest.approx(1.0) and one["background_cores"] == pytest.approx(0.5)
+    assert math.isnan(training_intervals(timeline[:1], workers=1)["background_cores"])
+
+
+def test_phase_ratios_by_hand():
+    """P5's split: 2 trials of 100 steps, 0.2 s a step alone and 0.25 s together; serial wall
+    60 s (40 s of steps, 20 of the rest), concurrent 35 s (25 + 10)."""
+    from harness.perf.system import phase_ratios
+
+    got = phase_ratios(60.0, 35.0, 100, [0.2, 0.2], [0.25, 0.24])
+    assert got["train_serial_s"] == pytest.approx(40.0) and got["train_concurrent_s"] == pytest.approx(25.0)
+    assert got["training_ratio"] == pytest.approx(1.6) and got["rest_ratio"] == pytest.approx(2.0)
+    # the mediant: P5 itself lies between the two
+    assert got["training_ratio"] <= 60.0 / 35.0 <= got["rest_ratio"]
+
+
+def test_p5_ray_controls(tiny):
+    """For real, on embedded Ray: the sampler's timeline counts a Ray actor started inside the
+    block (the other processes' cumulative CPU never decreasing), and the bare two trainings run
+    beside idle actors that are gone afterwards."""
+    import ray
+
+    from harness.config import from_dict
+    from harness.perf.common import Settings
+    from harness.perf.system import CpuSampler, IdleActor, two_trainings_beside_actors
+    from harness.sweep import init_ray
+
+    init_ray()
+    try:
+        with CpuSampler(period=0.2) as sampler:
+            actor = ray.remote(num_cpus=0)(IdleActor).remote()
+            pid = ray.get(actor.pid.remote())
+            time.sleep(0.6)
+            ray.kill(actor)
+        got = two_trainings_beside_actors(Settings(sweep=from_dict(tiny()), quick=True), steps=2, actors=2)
+        from ray.util.state import list_actors
+
+        for _ in range(20):  # ray.kill is asynchronous: give the actors a few seconds to die
+            alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "IdleActor"]
+            if not alive:
+                break
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
+    assert pid != os.getpid()
+    assert max(n for *_, n in sampler.timeline) >= 1
+    rest = [r for _, _, r, _ in sampler.timeline]
+    assert rest == sorted(rest) and len(rest) >= 3
+    assert got["actors"] == 2 and got["ratio"] > 0 and len(got["together"]) == 2
+    assert alive == []
