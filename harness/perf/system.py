@@ -376,17 +376,21 @@ def p5_row(settings: Settings) -> Row:
            "cpu_bound_ratio": bound, **phases,
            "background_cores_serial": beside[1]["background_cores"],
            "background_cores_concurrent": beside[2]["background_cores"],
+           "worker_cores_serial": beside[1]["worker_cores"],
            "worker_cores_concurrent": beside[2]["worker_cores"],
+           # the training steps' ratio if a step cost no more CPU beside another: each worker's
+           # share of the cores, concurrent over serial, times the 2 trials
+           "training_ceiling": 2 * beside[2]["worker_cores"] / beside[1]["worker_cores"],
            "ray_actors_concurrent": beside[2]["ray_actors"],
            "two_trainings_ratio": machine["ratio"], "two_trainings_beside_actors_ratio": with_actors["ratio"],
            "beside_training": beside, "two_trainings": machine, "two_trainings_beside_actors": with_actors,
            "step_time_s": got["steps"], "train_worker_threads_cpu_s": got["threads"],
            "top_processes_serial": got["top"][1], "top_processes_concurrent": got["top"][2]}
-    note = (f"training steps {phases['training_ratio']:.2f}, the rest (start-up, evaluation, teardown) "
-            f"{phases['rest_ratio']:.2f}: P5 lies between them at any trial length; beside the concurrent "
-            f"training Ray's other processes used {beside[2]['background_cores']:.2f} cores; CPU-bound "
-            f"ceiling {bound:.2f}; two trainings at once without Ray {machine['ratio']:.2f}, and beside "
-            f"{with_actors['actors']} idle Ray actors {with_actors['ratio']:.2f}")
+    note = (f"training steps {phases['training_ratio']:.2f} (at most {raw['training_ceiling']:.2f}: Ray's "
+            f"other processes used {beside[2]['background_cores']:.2f} cores beside the two trainings), the "
+            f"rest (start-up, evaluation, teardown) {phases['rest_ratio']:.2f}: P5 lies between them at any "
+            f"trial length; CPU-bound ceiling {bound:.2f}; two trainings at once without Ray "
+            f"{machine['ratio']:.2f}, and beside {with_actors['actors']} idle Ray actors {with_actors['ratio']:.2f}")
     return Row("P5", f"serial ÷ concurrent wall, 2 Ray Tune trials of {p5_steps(settings)} steps on 2 cores",
                walls[1] / walls[2], ">=", 1.8, raw, note=note)
 
