@@ -247,7 +247,8 @@ def two_trainings_beside_actors(settings: Settings, steps: int, actors: int) -> 
     part of P5's loss that is the mere presence of Ray's per-trial processes."""
     import ray
 
-    handles = [ray.remote(num_cpus=0)(IdleActor).remote() for _ in range(actors)]
+    idle = ray.remote(num_cpus=0)(IdleActor)
+    handles = [idle.remote() for _ in range(actors)]
     try:
         ray.get([h.pid.remote() for h in handles])
         return {**two_trainings(settings, steps), "actors": actors}
