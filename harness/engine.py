@@ -116,13 +116,27 @@ def backward_combined(engine, params: list[nn.Parameter], grads: list[torch.Tens
 def destroy_process_group() -> None:
     """End the default process group through DeepSpeed's comm module when it knows the group, so
     the group references DeepSpeed cached go with it: a later engine in the same process would
-    otherwise reach for the destroyed group ("Group ... is not registered")."""
+    otherwise reach for the destroyed group ("Group ... is not registered"); then remove this
+    rank's DeepSpeed shared-memory workspace (``shm_workspace``)."""
     import deepspeed.comm as ds_comm
 
+    rank = dist.get_rank() if dist.is_initialized() else None
     if ds_comm.is_initialized():
         ds_comm.destroy_process_group()
     elif dist.is_initialized():
         dist.destroy_process_group()
+    if rank is not None:
+        shm_workspace(rank).unlink(missing_ok=True)
+
+
+def shm_workspace(rank: int) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce maps for ``rank`` when every rank of the group
+    is on one machine (``LOCAL_SIZE`` = world size, as ``harness.perf`` sets it): 67 MB that
+    DeepSpeed never unlinks (its ``shared_close`` is never called), so each group would leave one
+    behind in RAM-backed /dev/shm for good. Named as ``ops/csrc/cpu/comm/shm.cpp`` names it:
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
 def optimizer_state_bytes(engine) -> int:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -224,3 +225,40 @@ def test_p5_ray_controls(tiny):
     assert rest == sorted(rest) and len(rest) >= 3
     assert got["actors"] == 2 and got["ratio"] > 0 and len(got["together"]) == 2
     assert alive == []
+
+
+def _engine_in_a_group(raw: dict, port: int, out: str) -> None:
+    """In a fresh process (DeepSpeed creates its shm workspace once per process): build a real
+    engine inside perf's process group and record whether the workspace file existed then."""
+    import torch
+
+    from harness.config import from_dict
+    from harness.engine import shm_workspace
+    from harness.perf.common import process_group
+    from harness.step import Shard, make_step
+
+    cfg = from_dict(raw).trial("sum", 0)
+    with process_group(port=port):
+        make_step(cfg, Shard(0, 1, cfg.train.batch_size), torch.device("cpu"))
+        path = shm_workspace(0)
+        seen = path.exists()
+    Path(out).write_text(json.dumps({"path": str(path), "seen": seen}))
+
+
+def test_process_group_removes_deepspeeds_shm_workspace(tmp_path, tiny):
+    """DeepSpeed's CPU all-reduce leaves a 67 MB /dev/shm file per process group (never
+    unlinked: 302 of them, 20 GB of RAM, had piled up here and got Ray's workers OOM-killed);
+    the harness removes its rank's file when the group ends."""
+    import multiprocessing
+
+    from harness.perf.common import free_port
+
+    out = tmp_path / "seen.json"
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_engine_in_a_group, args=(tiny(), free_port(), str(out)))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == 0
+    got = json.loads(out.read_text())
+    assert got["seen"], "DeepSpeed made no shm workspace: the test no longer tests the cleanup"
+    assert not os.path.exists(got["path"])
