@@ -58,7 +58,9 @@ def run_rank(rank: int, world: int, port: int, raw: dict, strategies: list[str],
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
-    dist.destroy_process_group()
+    from harness.engine import destroy_process_group
+
+    destroy_process_group()  # and DeepSpeed's /dev/shm workspace with it
 
 
 def train(world: int, strategies: list[str], zero: int, tmp_path) -> dict:
