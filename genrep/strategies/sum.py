@@ -1,20 +1,24 @@
-"""Loss summing: g = g_p + g_g, i.e. w = [1, 1] (the multi-task baseline; no alignment)."""
+"""Loss summing: g = w_p·g_p + w_g·g_g, i.e. w = task_weights (the multi-task baseline; no alignment).
+
+With the default task weights (1, 1) this is naive summing; with (0.7, 0.3) it is the published
+arm's weighting without its alignment, the baseline that isolates what the alignment adds.
+"""
 from __future__ import annotations
 
 import torch
 
-from .registry import STRATEGIES, GramStats, Strategy, telemetry
+from .registry import STRATEGIES, GramStats, Strategy, identity_matrix
 
 
 class Sum(Strategy):
-    """w_p = w_g = 1 on every segment; damping λ = 1 (nothing removed)."""
+    """M = I (both gradients kept whole), so w = (w_p, w_g) on every segment; damping λ = 1."""
 
     name = "sum"
-    needs_task_grads = False  # w ≡ [1, 1]: one backward of L_p + L_g gives the same gradient
+    # M ≡ I: one backward of w_p·L_p + w_g·L_g gives the same gradient (see `loss_weights`)
+    needs_task_grads = False
 
-    def _weights(self, s: GramStats, state, **opts):
-        w = torch.ones(*s.cos.shape, 2, dtype=s.cos.dtype, device=s.cos.device)
-        return w, telemetry(s, w, torch.ones_like(s.cos))
+    def _aligned(self, s: GramStats, state, **opts):
+        return identity_matrix(s), torch.ones_like(s.cos), {}
 
 
 STRATEGIES.register(Sum.name)(Sum())

@@ -9,6 +9,7 @@ import genrep.strategies as S
 from genrep.strategies.registry import Registry
 
 F64 = torch.float64
+OLD = {"task_weights": (1, 1)}  # the earlier rules at the equal weights they were defined with
 
 
 def vecs(*rows):
@@ -47,7 +48,7 @@ def test_pcgrad_hand_computed():
 
 def test_genrep_constant_hand_computed():
     # λ = ½: w_p = 1 − ½·(−1)/1 = 1.5, w_g = 1 − ½·(−1)/2 = 1.25 → 1.5·[1,0] + 1.25·[−1,1]
-    g, tel = S.combine("genrep", vecs([1, 0], [-1, 1]), damping=0.5)
+    g, tel = S.combine("genrep", vecs([1, 0], [-1, 1]), damping=0.5, rule="constant", task_weights=(1, 1))
     assert torch.allclose(g, vecs(0.25, 1.25))
     assert tel["damping"].item() == 0.5
 
@@ -55,7 +56,7 @@ def test_genrep_constant_hand_computed():
 def test_cos_rule_hand_computed():
     # cos = −1/√2, λ = 0.8·(1 − 1/√2) ≈ 0.2343
     lam = 0.8 * (1 - 1 / math.sqrt(2))
-    g, tel = S.combine("genrep", vecs([1, 0], [-1, 1]), damping=0.8, rule="cos")
+    g, tel = S.combine("genrep", vecs([1, 0], [-1, 1]), damping=0.8, rule="cos", task_weights=(1, 1))
     assert math.isclose(tel["damping"].item(), lam, rel_tol=1e-12)
     w_p, w_g = 1 + (1 - lam), 1 + (1 - lam) / 2
     assert torch.allclose(g, w_p * vecs(1, 0) + w_g * vecs(-1, 1))
@@ -63,7 +64,7 @@ def test_cos_rule_hand_computed():
 
 def test_cos_rule_is_clipped_and_reaches_pcgrad_at_opposite_gradients():
     grads = vecs([1, 0], [-2, 0])  # cos = −1 → λ = λ₀·0 = 0, i.e. PCGrad
-    assert torch.equal(S.combine("genrep", grads, rule="cos", damping=1.0)[0],
+    assert torch.equal(S.combine("genrep", grads, rule="cos", damping=1.0, task_weights=(1, 1))[0],
                        S.combine("pcgrad", grads)[0])
     gram = torch.tensor([[[1.0, -0.1], [-0.1, 1.0]]], dtype=F64)
     _, tel = S.weights("genrep", gram, rule="cos", damping=1.0)
@@ -89,9 +90,9 @@ def test_pcgrad_projections_orthogonal_to_other_gradient():
 
 # --- equivalences ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,opts", [("sum", {}), ("pcgrad", {}), ("genrep", {}),
-                                       ("genrep", {"rule": "cos"}), ("genrep", {"rule": "gradvac"}),
-                                       ("genrep", {"one_sided": True})])
+@pytest.mark.parametrize("name,opts", [("sum", {}), ("pcgrad", {}), ("genrep", {"rule": "constant", **OLD}),
+                                       ("genrep", {"rule": "cos", **OLD}), ("genrep", {"rule": "gradvac", **OLD}),
+                                       ("genrep", {"rule": "constant", "align": "perception", **OLD})])
 @pytest.mark.parametrize("grads", [vecs([1, 0], [0, 3]), vecs([1, 2], [2, 4]), vecs([1, 1], [3, 0])])
 def test_orthogonal_or_aligned_gradients_untouched(name, opts, grads):
     g, tel = S.combine(name, grads, **opts)
@@ -102,9 +103,10 @@ def test_orthogonal_or_aligned_gradients_untouched(name, opts, grads):
 @pytest.mark.parametrize("seed", range(3))
 def test_damping_one_is_sum_and_zero_is_pcgrad(seed):
     g = rand_grads(seed=seed)
-    assert torch.equal(S.combine("genrep", g, damping=1.0)[0], S.combine("sum", g)[0])
-    assert torch.equal(S.combine("genrep", g, damping=0.0)[0], S.combine("pcgrad", g)[0])
-    assert torch.allclose(S.combine("genrep", g, damping=0.0)[0], pcgrad_reference(*g), atol=1e-12)
+    assert torch.equal(S.combine("genrep", g, damping=1.0, rule="constant", **OLD)[0], S.combine("sum", g)[0])
+    assert torch.equal(S.combine("genrep", g, damping=0.0, rule="constant", **OLD)[0], S.combine("pcgrad", g)[0])
+    assert torch.allclose(S.combine("genrep", g, damping=0.0, rule="constant", **OLD)[0], pcgrad_reference(*g),
+                          atol=1e-12)
 
 
 def test_symmetric_decomposition_matches_formula():
@@ -112,17 +114,17 @@ def test_symmetric_decomposition_matches_formula():
     lam, d = 0.3, g_p @ g_g
     par_p, par_g = d / (g_g @ g_g) * g_g, d / (g_p @ g_p) * g_p
     expected = (g_p - par_p + lam * par_p) + (g_g - par_g + lam * par_g)
-    assert torch.allclose(S.combine("genrep", g, damping=lam)[0], expected, atol=1e-12)
+    assert torch.allclose(S.combine("genrep", g, damping=lam, rule="constant", **OLD)[0], expected, atol=1e-12)
 
 
 def test_one_sided_keeps_generation_gradient_whole():
     g_p, g_g = g = rand_grads(seed=4)
     lam = 0.25
     g_p_damped = g_p - (1 - lam) * (g_p @ g_g) / (g_g @ g_g) * g_g  # g_p⊥ + λ·g_p∥
-    out, tel = S.combine("genrep", g, damping=lam, one_sided=True)
+    out, tel = S.combine("genrep", g, damping=lam, rule="constant", align="perception", **OLD)
     assert torch.allclose(out - g_g, g_p_damped, atol=1e-12)
     assert tel["w_p"].item() == 1.0
-    out0, _ = S.combine("genrep", g, damping=0.0, one_sided=True)  # λ = 0: g_p' ⟂ g_g
+    out0, _ = S.combine("genrep", g, damping=0.0, rule="constant", align="perception", **OLD)  # λ = 0: g_p' ⟂ g_g
     assert abs((out0 - g_g) @ g_g) < 1e-10
 
 
@@ -239,7 +241,7 @@ def test_unknown_and_bad_options():
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_zero_gradient_gives_no_nan(name, dtype):
     for grads in (torch.zeros(2, 4, dtype=dtype), torch.tensor([[0, 0, 0, 0], [1, -2, 3, 0]], dtype=dtype)):
-        out, tel = S.combine(name, grads, rule="gradvac") if name == "genrep" else S.combine(name, grads)
+        out, tel = S.combine(name, grads, rule="gradvac", **OLD) if name == "genrep" else S.combine(name, grads)
         assert torch.equal(out, grads[0] + grads[1])
         assert all(torch.isfinite(v).all() for v in tel.values())
         assert tel["cos"].item() == 0.0 and tel["conflict"].item() == 0.0
@@ -249,3 +251,205 @@ def test_zero_gradient_gives_no_nan(name, dtype):
 def test_bad_grads_shape():
     with pytest.raises(ValueError, match=r"\[2, D\]"):
         S.gram_matrix(torch.zeros(3, 4))
+
+
+# --- the published rule ("paper"): α = ((1 + cos)/2)^k at every step, then task weights ------------
+
+R2 = math.sqrt(2)
+ALPHA_POS = (3 + 2 * R2) / 8  # cos = +1/√2: ((1 + 1/√2)/2)² = ((2 + √2)/4)² = (6 + 4√2)/16 ≈ 0.728553
+ALPHA_NEG = (3 - 2 * R2) / 8  # cos = −1/√2: ((1 − 1/√2)/2)² = (6 − 4√2)/16 ≈ 0.021447
+
+
+def test_paper_alpha_hand_values():
+    assert ALPHA_POS == pytest.approx(((1 + 1 / R2) / 2) ** 2) == pytest.approx(0.7285533906)
+    assert ALPHA_NEG == pytest.approx(((1 - 1 / R2) / 2) ** 2) == pytest.approx(0.0214466094)
+    gram = torch.tensor([[[1.0, 0.5], [0.5, 1.0]]], dtype=F64)  # cos = 0.5 → (1.5/2)² = 0.5625
+    assert S.weights("genrep", gram)[1]["damping"].item() == pytest.approx(0.5625)
+
+
+def test_paper_rule_damps_agreeing_gradients_too():
+    # g_p = (1,0), g_g = (1,1): d = 1, ‖g_p‖² = 1, ‖g_g‖² = 2, cos = 1/√2 > 0
+    # g_p∥ = (d/‖g_g‖²)·g_g = (½,½), g_p⊥ = (½,−½) → g_p' = (½ + ½α, −½ + ½α)
+    # g_g∥ = (d/‖g_p‖²)·g_p = (1,0), g_g⊥ = (0,1)  → g_g' = (α, 1)
+    # 0.7·g_p' + 0.3·g_g' = (0.35 + 0.65α, −0.05 + 0.35α) ≈ (0.823560, 0.204994)
+    a = ALPHA_POS
+    g, tel = S.combine("genrep", vecs([1, 0], [1, 1]))
+    assert torch.allclose(g, vecs(0.35 + 0.65 * a, -0.05 + 0.35 * a), atol=1e-12)
+    assert torch.allclose(g, vecs(0.8235596988, 0.2049936867), atol=1e-9)
+    assert tel["damping"].item() == pytest.approx(a) and tel["conflict"].item() == 0.0
+    # as coefficients: w_p = 0.7 − 0.3·(1−α)·d/‖g_p‖², w_g = 0.3 − 0.7·(1−α)·d/‖g_g‖²
+    assert tel["w_p"].item() == pytest.approx(0.7 - 0.3 * (1 - a))
+    assert tel["w_g"].item() == pytest.approx(0.3 - 0.7 * (1 - a) / 2)
+
+
+def test_paper_rule_on_conflict():
+    # g_p = (1,0), g_g = (−1,1): d = −1, cos = −1/√2
+    # g_p∥ = −½·(−1,1) = (½,−½), g_p⊥ = (½,½) → g_p' = (½ + ½α, ½ − ½α)
+    # g_g∥ = −1·(1,0) = (−1,0),  g_g⊥ = (0,1) → g_g' = (−α, 1)
+    # 0.7·g_p' + 0.3·g_g' = (0.35 + 0.05α, 0.65 − 0.35α) ≈ (0.351072, 0.642494)
+    a = ALPHA_NEG
+    g, tel = S.combine("genrep", vecs([1, 0], [-1, 1]), rule="paper", power=2.0,
+                       task_weights=(0.7, 0.3), align="both")
+    assert torch.allclose(g, vecs(0.35 + 0.05 * a, 0.65 - 0.35 * a), atol=1e-12)
+    assert torch.allclose(g, vecs(0.3510723305, 0.6424936867), atol=1e-9)
+    assert tel["damping"].item() == pytest.approx(a) and tel["conflict"].item() == 1.0
+
+
+def test_paper_rule_extremes_of_cos():
+    # cos = −1: α = 0, each gradient loses all of its part along the other: g_p' = g_g' = 0
+    g, tel = S.combine("genrep", vecs([1, 0], [-2, 0]))
+    assert torch.allclose(g, vecs(0.0, 0.0), atol=1e-15) and tel["damping"].item() == 0.0
+    # cos = 1: α = 1, nothing removed: the weighted sum 0.7·(1,2) + 0.3·(2,4) = (1.3, 2.6)
+    g, tel = S.combine("genrep", vecs([1, 2], [2, 4]))
+    assert torch.allclose(g, vecs(1.3, 2.6), atol=1e-12) and tel["damping"].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("grads", [vecs([1, 0], [1, 1]), vecs([1, 0], [-1, 1]), vecs([1, 0], [-2, 0])])
+def test_power_zero_is_the_weighted_sum(grads):
+    g, tel = S.combine("genrep", grads, power=0.0)
+    assert torch.equal(g, S.combine("sum", grads, task_weights=(0.7, 0.3))[0])
+    assert torch.allclose(g, 0.7 * grads[0] + 0.3 * grads[1], atol=1e-15)
+    assert tel["damping"].item() == 1.0
+
+
+@pytest.mark.parametrize("align,expected", [
+    # g_p = (1,0), g_g = (1,1), α = ALPHA_POS; g_p' = (½ + ½α, −½ + ½α), g_g' = (α, 1)
+    ("both", lambda a: (0.35 + 0.65 * a, -0.05 + 0.35 * a)),
+    ("generation", lambda a: (0.7 + 0.3 * a, 0.3)),  # 0.7·(1,0) + 0.3·(α,1)
+    ("perception", lambda a: (0.65 + 0.35 * a, -0.05 + 0.35 * a)),  # 0.7·g_p' + 0.3·(1,1)
+])
+def test_align_variants_hand_computed(align, expected):
+    g, _ = S.combine("genrep", vecs([1, 0], [1, 1]), align=align)
+    assert torch.allclose(g, vecs(*expected(ALPHA_POS)), atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["paper", "constant", "cos"])
+def test_align_keeps_the_other_gradient_whole(rule):
+    g_p, g_g = g = rand_grads(seed=11)
+    par_p, par_g = (g_p @ g_g) / (g_g @ g_g) * g_g, (g_p @ g_g) / (g_p @ g_p) * g_p
+    _, tel = S.combine("genrep", g, rule=rule, damping=0.3)
+    lam = tel["damping"].item()
+    p_aligned, g_aligned = g_p - (1 - lam) * par_p, g_g - (1 - lam) * par_g
+    for align, (gp, gg) in {"both": (p_aligned, g_aligned), "generation": (g_p, g_aligned),
+                            "perception": (p_aligned, g_g)}.items():
+        out, _ = S.combine("genrep", g, rule=rule, damping=0.3, align=align, task_weights=(0.6, 0.9))
+        assert torch.allclose(out, 0.6 * gp + 0.9 * gg, atol=1e-12)
+
+
+def test_paper_rule_matches_decomposition_formula():
+    g_p, g_g = g = rand_grads(seed=8, conflict=False)
+    d = g_p @ g_g
+    a = ((1 + d / (g_p.norm() * g_g.norm())) / 2) ** 3
+    par_p, par_g = d / (g_g @ g_g) * g_g, d / (g_p @ g_p) * g_p
+    expected = 0.2 * ((g_p - par_p) + a * par_p) + 0.5 * ((g_g - par_g) + a * par_g)
+    out, _ = S.combine("genrep", g, power=3, task_weights=[0.2, 0.5])
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_paper_rule_per_segment_hand_values():
+    # segment 0: g_p = (1,0), g_g = (1,1) (cos = +1/√2); segment 1: g_p = (1,0), g_g = (−1,1) (cos = −1/√2)
+    g = torch.cat([vecs([1, 0], [1, 1]), vecs([1, 0], [-1, 1])], 1)
+    seg = S.segment_ids([2, 2])
+    out, tel = S.combine("genrep", g, seg)
+    a, b = ALPHA_POS, ALPHA_NEG
+    assert torch.allclose(out, vecs(0.35 + 0.65 * a, -0.05 + 0.35 * a, 0.35 + 0.05 * b, 0.65 - 0.35 * b),
+                          atol=1e-12)
+    assert torch.allclose(tel["cos"], vecs(1 / R2, -1 / R2)) and torch.allclose(tel["damping"], vecs(a, b))
+    # the whole vector: d = 1 − 1 = 0, cos = 0, nothing parallel to rescale → 0.7·g_p + 0.3·g_g
+    whole, tel = S.combine("genrep", g)
+    assert torch.allclose(whole, vecs(1.0, 0.3, 0.4, 0.3), atol=1e-12)
+    assert tel["damping"].item() == pytest.approx(0.25)  # ((1 + 0)/2)²
+
+
+@pytest.mark.parametrize("opts", [{}, {"align": "generation", "power": 1.5}, {"rule": "cos", "align": "perception"}])
+def test_paper_rule_sharded_equals_full(opts):
+    g = rand_grads(D=40, seed=9, conflict=False)
+    seg = S.segment_ids([15, 10, 15])
+    shards = torch.randperm(40, generator=torch.Generator().manual_seed(1)).tensor_split(3)
+    partial = sum(S.gram_matrix(g[:, i], seg[i], num_segments=3) for i in shards)
+    assert torch.allclose(partial, S.gram_matrix(g, seg), atol=1e-12)
+    w, _ = S.weights("genrep", partial, **opts)
+    out = torch.empty(40, dtype=F64)
+    for i in shards:
+        out[i] = S.apply_weights(g[:, i], w, seg[i])
+    assert torch.allclose(out, S.combine("genrep", g, seg, **opts)[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_paper_rule_zero_gradient_gives_no_nan(dtype):
+    for grads in (torch.zeros(2, 4, dtype=dtype), torch.tensor([[0, 0, 0, 0], [1, -2, 3, 0]], dtype=dtype),
+                  torch.tensor([[1, -2, 3, 0], [0, 0, 0, 0]], dtype=dtype)):
+        for align in ("both", "generation", "perception"):
+            out, tel = S.combine("genrep", grads, align=align)
+            assert torch.equal(out, 0.7 * grads[0] + 0.3 * grads[1])
+            assert all(torch.isfinite(v).all() for v in tel.values())
+            assert tel["w_p"].item() == pytest.approx(0.7) and tel["w_g"].item() == pytest.approx(0.3)
+
+
+# --- task weights: an option of every strategy ---------------------------------------------------
+
+def test_task_weights_on_sum():
+    g, tel = S.combine("sum", vecs([1, 0], [-1, 1]), task_weights=(0.7, 0.3))
+    assert torch.allclose(g, vecs(0.4, 0.3))  # 0.7·(1,0) + 0.3·(−1,1)
+    assert tel["w_p"].item() == pytest.approx(0.7) and tel["w_g"].item() == pytest.approx(0.3)
+    assert torch.equal(S.combine("sum", vecs([1, 0], [-1, 1]))[0], vecs(0.0, 1.0))  # default (1, 1)
+
+
+def test_task_weights_on_pcgrad_apply_after_projecting():
+    # conflict: g_p' = (½,½), g_g' = (0,1) (test_pcgrad_hand_computed) → 0.7·g_p' + 0.3·g_g' = (0.35, 0.65)
+    g, tel = S.combine("pcgrad", vecs([1, 0], [-1, 1]), task_weights=(0.7, 0.3))
+    assert torch.allclose(g, vecs(0.35, 0.65))
+    assert tel["w_p"].item() == pytest.approx(0.7 + 0.3)  # w_p − w_g·d/‖g_p‖² = 0.7 + 0.3
+    assert tel["w_g"].item() == pytest.approx(0.3 + 0.7 / 2)  # w_g − w_p·d/‖g_g‖² = 0.3 + 0.35
+    # no conflict: the plain weighted sum 0.7·(1,0) + 0.3·(1,1)
+    assert torch.allclose(S.combine("pcgrad", vecs([1, 0], [1, 1]), task_weights=(0.7, 0.3))[0], vecs(1.0, 0.3))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_old_rules_with_task_weights_weigh_the_aligned_gradients(seed):
+    g_p, g_g = g = rand_grads(seed=seed)
+    par_p, par_g = (g_p @ g_g) / (g_g @ g_g) * g_g, (g_p @ g_g) / (g_p @ g_p) * g_p
+    expected = 0.7 * (g_p - 0.6 * par_p) + 0.3 * (g_g - 0.6 * par_g)  # λ = 0.4 on conflict
+    assert torch.allclose(S.combine("genrep", g, rule="constant", damping=0.4)[0], expected, atol=1e-12)
+    expected0 = 0.7 * (g_p - par_p) + 0.3 * (g_g - par_g)
+    assert torch.allclose(S.combine("pcgrad", g, task_weights=(0.7, 0.3))[0], expected0, atol=1e-12)
+
+
+def test_loss_weights_and_defaults():
+    assert S.get("sum").loss_weights() == (1.0, 1.0)
+    assert S.get("sum").loss_weights(task_weights=[0.7, 0.3]) == (0.7, 0.3)
+    assert S.get("pcgrad").loss_weights(task_weights=(2, 0)) == (2.0, 0.0)
+    assert S.get("genrep").loss_weights() == (0.7, 0.3)
+    assert S.get("sum").defaults == S.get("pcgrad").defaults == {"task_weights": (1.0, 1.0)}
+    assert S.get("genrep").defaults == {"rule": "paper", "power": 2.0, "task_weights": (0.7, 0.3),
+                                        "align": "both", "damping": 0.5, "ema_beta": 0.01}
+    g = rand_grads(seed=6)
+    assert torch.equal(S.combine("genrep", g)[0], S.combine("genrep", g, rule="paper", power=2.0,
+                                                            task_weights=(0.7, 0.3), align="both")[0])
+
+
+@pytest.mark.parametrize("name", ["sum", "pcgrad", "genrep"])
+@pytest.mark.parametrize("bad", [(1.0,), (1, 2, 3), (-0.1, 1), (0, 0), (float("nan"), 1), (1, float("inf")),
+                                 "ab", (True, 1), None, 0.5])
+def test_bad_task_weights(name, bad):
+    with pytest.raises(ValueError, match="task_weights"):
+        S.combine(name, rand_grads(), task_weights=bad)
+    with pytest.raises(ValueError, match="task_weights"):
+        S.get(name).loss_weights(task_weights=bad)
+
+
+def test_one_sided_is_retired_for_align():
+    for value in (True, False):
+        with pytest.raises(TypeError, match=r"'one_sided' was replaced by 'align'.*align='perception'"):
+            S.combine("genrep", rand_grads(), one_sided=value)
+    with pytest.raises(TypeError, match="align"):
+        S.get("genrep").check_options({"one_sided": True, "rule": "cos"})
+
+
+def test_bad_paper_options_and_old_options_still_checked():
+    for key, opts in (("power", {"power": -1.0}), ("power", {"power": float("nan")}), ("power", {"power": "2"}),
+                      ("align", {"align": "one_sided"}), ("damping", {"rule": "cos", "damping": 1.5}),
+                      ("ema_beta", {"rule": "gradvac", "ema_beta": 0.0}),
+                      ("damping", {"rule": "paper", "damping": -0.1})):
+        with pytest.raises(ValueError, match=key):
+            S.combine("genrep", rand_grads(), **opts)
