@@ -133,12 +133,22 @@ def print_summary(table) -> None:
         print(table.to_string() if len(table) else "(no results)")
 
 
+class _StrategyHelp(argparse.HelpFormatter):
+    """Fills ``{strategies}`` in a help text from harness.modes only when help is printed: listing
+    them imports torch (1.5 s), which the other commands' start-up should not pay."""
+
+    def _get_help_string(self, action):
+        from harness.modes import known_strategies
+
+        return action.help.replace("{strategies}", " | ".join(known_strategies()))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genrep-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_sweep(name: str, help: str) -> argparse.ArgumentParser:
-        s = sub.add_parser(name, help=help, description=help)
+    def with_sweep(name: str, help: str, **kw) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help, **kw)
         s.add_argument("sweep_file", help="a sweep YAML file (see sweeps/)")
         s.add_argument("--verbose", action="store_true", help="Ray's and DeepSpeed's logs at INFO")
         s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
@@ -149,8 +159,9 @@ def parser() -> argparse.ArgumentParser:
                    help="finish an interrupted sweep: finished trials are kept, the rest run")
     s.add_argument("--overwrite", action="store_true", help="delete an earlier run of this sweep")
     s.set_defaults(fn=cmd_sweep)
-    s = with_sweep("train", "run one trial through Ray Train without Tune (debugging)")
-    s.add_argument("--strategy", required=True, help="sum | pcgrad | genrep | separate")
+    s = with_sweep("train", "run one trial through Ray Train without Tune (debugging)",
+                   formatter_class=_StrategyHelp)
+    s.add_argument("--strategy", required=True, help="{strategies}, or a variant of the sweep")
     s.add_argument("--seed", type=int, help="default: the sweep's first seed")
     s.set_defaults(fn=cmd_train)
     s = sub.add_parser("validate", help="check a sweep file without running it")

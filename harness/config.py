@@ -9,7 +9,9 @@ grid or search values) filled in. Every result row stores the resolved trial con
 Beyond strategies × seeds a sweep may cross a ``grid:`` of dotted TrialConfig paths
 (``method.beta_kd: [0.0, 1.0]``), add named ``variants:`` (a strategy plus fixed overrides, labelled
 by their own name in the results), or ``search:`` a declared space with Optuna (harness.search).
-Every override is validated here, at load time, as if it had been written into the file.
+Every override is validated here, at load time, as if it had been written into the file, and so is
+each trial's set of overrides together. The driver validates once; each trial gets its arm's
+resolved TrialConfig and rebuilds it with :func:`trial_from_dict`, without sweep-level checks.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from harness.metrics import objectives
 
 
 class ConfigError(ValueError):
@@ -214,9 +218,6 @@ class SearchConfig:
     scheduler: SchedulerConfig | None = None
 
 
-# objectives Optuna can read off a trial's final report, with their default direction
-OBJECTIVES = {"head_acc": "max", "mc_acc": "max", "sample_acc": "max", "head_ece": "min",
-              "heldout_loss": "min", "fd_ref": "min", "step_time": "min"}
 # train-row metrics an early-stopping scheduler can watch
 TRAIN_METRICS = ("acc", "loss_ce", "loss_perc", "loss_gen")
 
@@ -225,7 +226,7 @@ TRAIN_METRICS = ("acc", "loss_ce", "loss_perc", "loss_gen")
 class SweepConfig:
     name: str
     output_dir: str = "results"
-    strategies: tuple[str, ...] = ("sum", "pcgrad", "genrep", "separate")
+    strategies: tuple[str, ...] = field(default_factory=lambda: tuple(_known_strategies()))
     seeds: tuple[int, ...] = (0,)
     strategy_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per strategy name
     granularity: Literal["vector", "tensor"] = "vector"
@@ -343,21 +344,29 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
 }
 
 
+def _known_strategies() -> list[str]:
+    from harness.modes import known_strategies  # imports torch: validation only, never in a trial
+
+    return known_strategies()
+
+
+# ZeRO-3 is refused here, before Ray starts, with the reason harness.engine gives
+ZERO3 = ("deepspeed.zero_stage: 3 is not supported: ZeRO-3 partitions the parameters outside the "
+         "engine's forward, and the per-task gradients are taken through engine.module; use stage "
+         "0, 1 or 2")
+
+
 def _cross_checks(cfg: SweepConfig, where: str) -> None:
     """Checks that span several fields, in one place."""
     from genrep import strategies
-    from genrep.model import PRESETS, ModelConfig
 
-    known = set(strategies.available()) | {"separate"}
+    known = _known_strategies()
     for s in cfg.strategies:
         if s not in known:
             raise ConfigError(f"{where}: strategies: unknown strategy {s!r}; known: {sorted(known)}")
-    if cfg.model.preset not in PRESETS:
-        raise ConfigError(f"{where}: model.preset: unknown {cfg.model.preset!r}; known: {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    for key in cfg.model.overrides:
-        if key not in fields:
-            raise ConfigError(f"{where}: model.overrides.{key}: unknown field; known: {sorted(fields)}")
+    _check_model(cfg.model, where)
+    if cfg.deepspeed.zero_stage == 3:
+        raise ConfigError(f"{where}: {ZERO3}")
     if cfg.train.batch_size % cfg.resources.workers:
         raise ConfigError(f"{where}: train.batch_size: {cfg.train.batch_size} is not divisible by "
                           f"resources.workers = {cfg.resources.workers}")
@@ -378,7 +387,56 @@ def _cross_checks(cfg: SweepConfig, where: str) -> None:
             raise ConfigError(f"{where}: strategy_options.{s}: {e}") from None
     _check_grid(cfg, where)
     _check_variants(cfg, where)
+    _check_combinations(cfg, where)
     _check_search(cfg, where)
+
+
+# ---------------------------------------------------------------- model overrides
+TIMESTEPS = 1000  # T of genrep.diffusion.make_scheduler: t_perception is a timestep in [0, T)
+MODEL_CHECKS = {
+    **_positive("image_size", "channels", "num_classes", "layers_per_block", "norm_num_groups",
+                "dit_depth", "dit_heads", "dit_head_dim", "dit_patch", "head_hidden"),
+    "block_out_channels": (lambda v: len(v) > 0 and min(v) > 0, "must be a non-empty list of integers > 0"),
+    "head": (lambda v: v in ("linear", "mlp"), "must be linear or mlp"),
+    "t_perception": (lambda v: 0 <= v < TIMESTEPS, f"must be in [0, {TIMESTEPS})"),
+}
+
+
+def _check_model(model: ModelSection, where: str) -> None:
+    """The preset; each override by the type and range of its genrep.model.ModelConfig field; then
+    the sizes the backbone needs, blamed on an override where one is involved."""
+    from genrep.model import BACKBONES, PRESETS, ModelConfig
+
+    if model.preset not in PRESETS:
+        raise ConfigError(f"{where}: model.preset: unknown {model.preset!r}; known: {sorted(PRESETS)}")
+    hints, over = typing.get_type_hints(ModelConfig), {}
+    for key, value in model.overrides.items():
+        at = f"model.overrides.{key}"
+        if key not in hints:
+            raise ConfigError(f"{where}: {at}: unknown field; known: {sorted(hints)}")
+        over[key] = _convert(hints[key], value, at, where)
+        ok, msg = MODEL_CHECKS.get(key, (lambda v: True, ""))
+        if not ok(over[key]):
+            raise ConfigError(f"{where}: {at}: {msg}, got {value!r}")
+    m = dataclasses.replace(PRESETS[model.preset], **over)
+
+    def fail(keys: tuple[str, ...], msg: str) -> ConfigError:
+        at = next((f"model.overrides.{k}" for k in keys if k in over), f"model.preset {model.preset!r}")
+        return ConfigError(f"{where}: {at}: {msg}")
+
+    if m.backbone not in BACKBONES:
+        raise fail(("backbone",), f"unknown backbone {m.backbone!r}; known: {BACKBONES.names()}")
+    if m.backbone == "unet":  # n levels halve the image n - 1 times; GroupNorm splits channels
+        down = 2 ** (len(m.block_out_channels) - 1)
+        if m.image_size % down:
+            raise fail(("image_size", "block_out_channels"), f"image_size {m.image_size} is not "
+                       f"divisible by 2^(levels - 1) = {down} (block_out_channels {m.block_out_channels})")
+        if any(c % m.norm_num_groups for c in m.block_out_channels):
+            raise fail(("norm_num_groups", "block_out_channels"), f"norm_num_groups {m.norm_num_groups} "
+                       f"does not divide every block_out_channels {m.block_out_channels}")
+    elif m.backbone == "dit" and m.image_size % m.dit_patch:
+        raise fail(("image_size", "dit_patch"), f"image_size {m.image_size} is not divisible by "
+                   f"dit_patch {m.dit_patch}")
 
 
 # ---------------------------------------------------------------- grid, variants, search
@@ -414,23 +472,28 @@ def _plain(cfg: SweepConfig) -> dict[str, Any]:
     return raw
 
 
-def check_override(cfg: SweepConfig, path: str, value: Any, strategy: str, label: str, where: str) -> None:
-    """Validate ``path = value`` for ``strategy``'s trials as if written into the sweep file: the
-    path must exist, the value must type-check and pass every field and cross-field check."""
-    try:
-        keys = _sweep_path(path, strategy)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {label}: {e}") from None
-    raw = node = _plain(cfg)
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{where}: {label}: {key!r} is a value, not a section")
-    node[keys[-1]] = value
+def check_override(cfg: SweepConfig, overrides: dict[str, Any], strategy: str, label: str, where: str) -> None:
+    """Validate ``overrides`` ({dotted path: value}) for ``strategy``'s trials as if written into the
+    sweep file together: each path must exist, each value type-check, and the whole pass every
+    field and cross-field check."""
+    raw = _plain(cfg)
+    for path, value in overrides.items():
+        try:
+            keys = _sweep_path(path, strategy)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {label}: {e}") from None
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}: {label}: {key!r} is a value, not a section")
+        node[keys[-1]] = value
     try:
         from_dict(raw, where)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {label}: {value!r} is not valid here: "
+        what = (f"{next(iter(overrides.values()))!r} is" if len(overrides) == 1 else
+                ", ".join(f"{p}={v!r}" for p, v in overrides.items()) + " together are")
+        raise ConfigError(f"{where}: {label}: {what} not valid here: "
                           f"{str(e).removeprefix(f'{where}: ')}") from None
 
 
@@ -444,13 +507,11 @@ def _check_grid(cfg: SweepConfig, where: str) -> None:
             raise ConfigError(f"{where}: grid.{path}: expected a non-empty list of values, got {values!r}")
         for value in values:
             for strategy in dict.fromkeys(_strategy_of(cfg, lab) for lab in cfg.labels()):
-                check_override(cfg, path, value, strategy, f"grid.{path}", where)
+                check_override(cfg, {path: value}, strategy, f"grid.{path}", where)
 
 
 def _check_variants(cfg: SweepConfig, where: str) -> None:
-    from genrep import strategies
-
-    known = set(strategies.available()) | {"separate"}
+    known = _known_strategies()
     for name, v in cfg.variants.items():
         at = f"variants.{name}"
         if name in known or not name.replace("-", "").replace("_", "").isalnum():
@@ -461,7 +522,18 @@ def _check_variants(cfg: SweepConfig, where: str) -> None:
         for path, value in v.overrides.items():
             if path in cfg.grid:
                 raise ConfigError(f"{where}: {at}.overrides.{path}: also in grid; a path is set in one place")
-            check_override(cfg, path, value, v.strategy, f"{at}.overrides.{path}", where)
+            check_override(cfg, {path: value}, v.strategy, f"{at}.overrides.{path}", where)
+
+
+def _check_combinations(cfg: SweepConfig, where: str) -> None:
+    """Each trial's overrides together (its variant's and its grid point's), where it has several:
+    each value was checked alone above, e.g. train.batch_size and resources.workers on two axes."""
+    for label in cfg.labels():
+        v = cfg.variants.get(label)
+        for point in cfg.grid_points():
+            overrides = {**(v.overrides if v else {}), **point}
+            if len(overrides) > 1:
+                check_override(cfg, overrides, _strategy_of(cfg, label), f"arm {label}", where)
 
 
 def _check_search(cfg: SweepConfig, where: str) -> None:
@@ -477,7 +549,7 @@ def _check_search(cfg: SweepConfig, where: str) -> None:
         raise ConfigError(f"{where}: search.space: declare at least one dimension")
     for path, spec in s.space.items():
         for value in _space_values(spec, f"search.space.{path}", where):
-            check_override(cfg, path, value, cfg.strategies[0], f"search.space.{path}", where)
+            check_override(cfg, {path: value}, cfg.strategies[0], f"search.space.{path}", where)
     if s.scheduler and s.scheduler.grace_period >= cfg.train.steps:
         raise ConfigError(f"{where}: search.scheduler.grace_period: must be < train.steps = {cfg.train.steps}")
 
@@ -490,9 +562,9 @@ def _check_objectives(s: SearchConfig, where: str) -> None:
     if len(set(s.metrics)) != len(s.metrics):
         raise ConfigError(f"{where}: search.metrics: listed twice in {list(s.metrics)}")
     for i, m in enumerate(s.metrics or (s.metric or "head_acc",)):
-        if m not in OBJECTIVES:
+        if m not in objectives():
             at = f"search.metrics[{i}]" if s.metrics else "search.metric"
-            raise ConfigError(f"{where}: {at}: unknown objective {m!r}; known: {sorted(OBJECTIVES)}")
+            raise ConfigError(f"{where}: {at}: unknown objective {m!r}; known: {sorted(objectives())}")
 
 
 def _space_values(spec: ParamSpec, at: str, where: str) -> list[Any]:
@@ -633,5 +705,9 @@ def load(path: str | Path) -> SweepConfig:
 
 
 def trial_from_dict(raw: dict[str, Any]) -> TrialConfig:
-    """Rebuild a :class:`TrialConfig` from :meth:`TrialConfig.to_dict` (it crosses Ray as a dict)."""
+    """Rebuild a :class:`TrialConfig` from :meth:`TrialConfig.to_dict` (it crosses Ray as a dict).
+
+    Field types and ranges only, in pure Python: the sweep-level checks (strategies, options, the
+    model, combinations) ran once, at the driver, and importing genrep here would cost every Tune
+    trainable a torch import."""
     return _build(TrialConfig, raw, "", "<trial>")

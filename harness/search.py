@@ -22,7 +22,8 @@ import numpy as np
 from ray.tune.search import Repeater
 from ray.tune.search.repeater import TRIAL_INDEX
 
-from harness.config import OBJECTIVES, ParamSpec, SweepConfig
+from harness import metrics
+from harness.config import ParamSpec, SweepConfig
 
 log = logging.getLogger("harness")
 PREFIX = "overrides/"  # Tune unflattens "overrides/method.mc.k" into {"overrides": {"method.mc.k": v}}
@@ -33,12 +34,13 @@ def study_path(cfg: SweepConfig) -> Path:
 
 
 def objectives(cfg: SweepConfig) -> tuple[str | list[str], str | list[str]]:
-    """(metric, mode) as OptunaSearch takes them: strings for one objective, lists for several."""
-    s = cfg.search
+    """(metric, mode) as OptunaSearch takes them: strings for one objective, lists for several;
+    a mode not given is the metric's direction in the registry (harness.metrics)."""
+    s, direction = cfg.search, metrics.objectives()
     if s.metrics:
-        return list(s.metrics), list(s.modes) or [OBJECTIVES[m] for m in s.metrics]
+        return list(s.metrics), list(s.modes) or [direction[m] for m in s.metrics]
     metric = s.metric or "head_acc"
-    return metric, s.mode or OBJECTIVES[metric]
+    return metric, s.mode or direction[metric]
 
 
 def distribution(spec: ParamSpec):

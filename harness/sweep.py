@@ -27,7 +27,7 @@ import yaml
 
 from harness import results
 from harness.config import ConfigError, SweepConfig, TrialConfig, load
-from harness.trial import prepare_data, resolve, run_trial, trial_name
+from harness.trial import arm_configs, prepare_data, resolve, run_trial, trial_name
 
 log = logging.getLogger("harness")
 EXPERIMENT = "tune"
@@ -73,6 +73,7 @@ def experiment_dir(cfg: SweepConfig) -> Path:
 
 
 def raw_config(path: str | Path) -> dict[str, Any]:
+    """The sweep file as parsed YAML: only the resume guard's snapshot reads it (check_same_sweep)."""
     return yaml.safe_load(Path(path).read_text()) or {}
 
 
@@ -132,13 +133,13 @@ def trial_log():
     return TrialLog()
 
 
-def make_tuner(cfg: SweepConfig, raw: dict[str, Any], resume: bool):
+def make_tuner(cfg: SweepConfig, resume: bool):
     from ray import tune
 
     urls = prepare_data(cfg)
     storage = str(Path(cfg.output_dir).resolve() / "ray")
-    fn = tune.with_parameters(run_trial, sweep={"raw": raw, "file": cfg.source_file}, urls=urls,
-                              storage=storage)
+    # validated here, once: each trial gets its arm's resolved config, never the sweep file
+    fn = tune.with_parameters(run_trial, arms=arm_configs(cfg), urls=urls, storage=storage)
     trainable = tune.with_resources(fn, {"cpu": 0.01})  # the driver only waits on its trainer
     if cfg.search:
         # train rows carry acc (ASHA's metric), the final row the held-out objectives: no row has
@@ -299,7 +300,7 @@ def run_sweep(path: str | Path, resume: bool = False, overwrite: bool = False,
     check_same_sweep(cfg, raw, resume)
     init_ray(address, verbose)
     start = time.perf_counter()
-    grid = make_tuner(cfg, raw, resume).fit()
+    grid = make_tuner(cfg, resume).fit()
     df, trials = collect(grid, cfg)
     out = results.write_parquet_atomic(df, Path(cfg.output_dir) / "results.parquet")
     trials.to_csv(trials_path(cfg), index=False)
@@ -314,11 +315,12 @@ def run_single(path: str | Path, strategy: str, seed: int | None = None,
     ``strategy`` may be any strategy or one of the sweep's named variants."""
     from harness.trial import fit
 
-    cfg = load(path)
-    if strategy not in cfg.labels() and strategy != "separate":
-        from genrep import strategies
+    from harness.modes import known_strategies
 
-        strategies.get(strategy)  # an unknown name raises, listing the known ones
+    cfg = load(path)
+    if strategy not in (*cfg.labels(), *known_strategies()):
+        raise ConfigError(f"{path}: --strategy: unknown {strategy!r}; known: "
+                          f"{sorted(known_strategies())} and the sweep's variants {list(cfg.variants)}")
     trial = cfg.arm(strategy, cfg.seeds[0] if seed is None else seed)
     init_ray(address, verbose)
     storage = str(Path(cfg.output_dir).resolve() / "ray")

@@ -1,12 +1,19 @@
 """One trial: a Ray Tune function trainable that builds and fits a Ray Train ``TorchTrainer``.
 
-This is the Ray Train V2 pattern (GROUND.md): ``Tuner(TorchTrainer(...))`` is deprecated there;
-instead the Tune function builds the trainer and ``TuneReportCallback`` forwards the workers'
+This is the Ray Train V2 pattern: ``Tuner(TorchTrainer(...))`` is deprecated there; instead the
+Tune function builds the trainer and ``TuneReportCallback`` forwards the workers'
 ``ray.train.report`` rows to Tune. The same function also runs a single trial without Tune
 (``genrep-bench train``), where no callback is attached.
+
+Configs are resolved once: the driver validates the sweep and hands every trial its arms'
+resolved TrialConfigs (plain dicts, :func:`arm_configs`); a trial picks its arm, sets its seed and
+applies its grid or search values field by field (:func:`resolve`), and its workers rebuild the
+result with :func:`harness.config.trial_from_dict`. No trial re-reads the sweep file or re-runs
+the sweep's validation.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.config import SweepConfig, TrialConfig, from_dict, replace_path  # noqa: F401
+from harness.config import SweepConfig, TrialConfig, apply_overrides, trial_from_dict
 
 # This module stays free of torch, DeepSpeed, diffusers and webdataset at import time: the Tune
 # trainable (run_trial) and the Train controller (which unpickles train_loop) import it in their
@@ -140,11 +147,11 @@ def trial_name(cfg: TrialConfig) -> str:
     return f"{cfg.variant}-seed{cfg.seed}-{cfg.hash()}"
 
 
-def run_trial(params: dict[str, Any], sweep: dict[str, Any], urls: dict[str, Any], storage: str) -> None:
-    """The Tune function trainable: one strategy × seed of the sweep (plus searched values)."""
+def run_trial(params: dict[str, Any], arms: dict[str, dict], urls: dict[str, Any], storage: str) -> None:
+    """The Tune function trainable: one arm × seed of the sweep (plus grid or searched values)."""
     import ray.tune
 
-    cfg = resolve(from_dict(sweep["raw"], sweep["file"]), params)
+    cfg = resolve(arms, params)
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
     start = time.perf_counter()
     log.warning("trial start: %s (strategy %s) seed=%d", cfg.variant, cfg.strategy.name, cfg.seed)
@@ -153,9 +160,17 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], urls: dict[str, Any
                 time.perf_counter() - start)
 
 
-def resolve(sweep: SweepConfig, params: dict[str, Any]) -> TrialConfig:
+def arm_configs(sweep: SweepConfig) -> dict[str, dict[str, Any]]:
+    """Each arm's resolved TrialConfig as a plain dict (at the sweep's first seed, without grid or
+    search values): what the driver ships to every trial."""
+    return {label: sweep.arm(label, sweep.seeds[0]).to_dict() for label in sweep.labels()}
+
+
+def resolve(sweep: SweepConfig | dict[str, dict[str, Any]], params: dict[str, Any]) -> TrialConfig:
     """The trial config for Tune's ``params``: the arm (``variant``: a strategy or a named variant;
     ``strategy`` in experiments started before variants existed), the seed, and any dotted-path
-    ``overrides`` from a grid or a search."""
+    ``overrides`` from a grid or a search. ``sweep``: the validated sweep, or its
+    :func:`arm_configs` (in a trial); both give the same config, :meth:`SweepConfig.arm`'s."""
     label = params.get("variant", params.get("strategy"))
-    return sweep.arm(label, int(params["seed"]), params.get("overrides") or {})
+    arm = sweep.arm(label, 0) if isinstance(sweep, SweepConfig) else trial_from_dict(sweep[label])
+    return apply_overrides(dataclasses.replace(arm, seed=int(params["seed"])), params.get("overrides") or {})

@@ -94,3 +94,48 @@ def test_validate_command(tmp_path, tiny, capsys):
     raw["train"]["steps"] = -1
     assert main(["validate", str(write(tmp_path, raw))]) == 2
     assert "train.steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    ({"block_out_channels": [8, -16]}, "model.overrides.block_out_channels", "integers > 0"),
+    ({"block_out_channels": "wide"}, "model.overrides.block_out_channels", "expected a list"),
+    ({"image_size": 10}, "model.overrides.image_size", "not divisible by 2^(levels - 1) = 4"),
+    ({"block_out_channels": [8] * 6}, "model.overrides.block_out_channels", "= 32"),
+    ({"norm_num_groups": 5}, "model.overrides.norm_num_groups", "does not divide"),
+    ({"head": "conv"}, "model.overrides.head", "linear or mlp"),
+    ({"t_perception": 1000}, "model.overrides.t_perception", "[0, 1000)"),
+    ({"t_perception": 2.5}, "model.overrides.t_perception", "expected an integer"),
+    ({"attention": "yes"}, "model.overrides.attention", "expected true/false"),
+    ({"backbone": "vit"}, "model.overrides.backbone", "unknown backbone 'vit'"),
+    ({"backbone": "dit", "dit_patch": 3}, "model.overrides.dit_patch", "not divisible by dit_patch 3"),
+    ({"num_classes": 0}, "model.overrides.num_classes", "must be > 0"),
+])
+def test_bad_model_override_names_file_and_field(tmp_path, tiny, overrides, field, words):
+    """Overrides of the preset are checked by type and range at load time, not in the worker."""
+    path = write(tmp_path, tiny(model={"preset": "digits16", "overrides": overrides}))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and field in msg and words in msg, msg
+
+
+def test_validate_refuses_zero_stage_3_before_ray(tmp_path, tiny, capsys):
+    """ZeRO-3 was refused only inside the worker; validate (and sweep, before Ray) refuse it now,
+    with the engine's reason."""
+    from harness.cli import main
+
+    path = write(tmp_path, tiny(deepspeed={"zero_stage": 3}))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: deepspeed.zero_stage: 3 is not supported" in err and "engine.module" in err, err
+    assert main(["sweep", str(path)]) == 2  # refused before Ray starts or anything is written
+    assert "deepspeed.zero_stage" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_an_unknown_strategy_before_ray(tmp_path, tiny, capsys):
+    from harness.cli import main
+
+    assert main(["train", str(write(tmp_path, tiny())), "--strategy", "adam"]) == 2
+    err = capsys.readouterr().err
+    assert "--strategy: unknown 'adam'" in err and "separate" in err, err

@@ -52,6 +52,15 @@ def write(tmp_path: Path, raw: dict) -> Path:
      "variants.x.overrides.method.mc.k", "must be > 0"),
     ({"search": {"space": SPACE}}, "strategies", "a search runs one strategy"),
     ({"data": {"urls": "file:///data/all-{0..3}.tar"}}, "data.urls", "containing {split}"),
+    ({"grid": {"deepspeed.zero_stage": [1, 3]}}, "grid.deepspeed.zero_stage", "3 is not supported"),
+    ({"grid": {"model.overrides.t_perception": [10, 1000]}}, "grid.model.overrides.t_perception",
+     "must be in [0, 1000)"),
+    # each value is fine alone; a trial's values are also checked together
+    ({"grid": {"train.batch_size": [8, 9], "resources.workers": [1, 2]}}, "arm sum",
+     "train.batch_size=9 together are not valid here: train.batch_size: 9 is not divisible by "
+     "resources.workers = 2"),
+    ({"variants": {"x": {"strategy": "sum", "overrides": {"method.use_ce": False, "method.beta_kd": 0.0}}}},
+     "arm x", "no perception loss"),
 ])
 def test_bad_grid_variant_or_search_names_file_and_field(tmp_path, tiny, patch, field, words):
     path = write(tmp_path, {**tiny(), **patch})
