@@ -1,10 +1,13 @@
-"""Evaluation metrics (DESIGN.md, "Metrics"): pure functions of tensors.
+"""Evaluation metrics (docs/evaluation.md): pure functions of tensors.
 
 Perception: top-1, expected calibration error. Generation: Fréchet distance of features (in the
 reference classifier's feature space here, not Inception's) and the held-out denoising loss at
-fixed timesteps and fixed noise.
+fixed timesteps and fixed noise. Standard errors: binomial for accuracies, of the mean over
+images for the held-out loss, bootstrap for the Fréchet distance.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,6 +33,17 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     gap = torch.bincount(bins, weights=correct - conf, minlength=n_bins)  # Σ_{i∈B}(acc_i − conf_i)
     # (|B|/N)·|acc(B) − conf(B)| = |Σ_{i∈B}(correct_i − conf_i)| / N
     return (gap.abs().sum() / max(count.sum().item(), 1.0)).item()
+
+
+def binomial_stderr(p: float, n: int) -> float:
+    """SE(p̂) = √(p̂(1 − p̂)/n): a proportion over n independent items (NaN for n = 0)."""
+    return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
+
+
+def mean_stderr(values: torch.Tensor) -> float:
+    """SE(x̄) = s/√n, s the sample standard deviation (n − 1); NaN for n < 2."""
+    v = torch.as_tensor(values).detach().double().flatten().cpu()
+    return (v.std(unbiased=True) / math.sqrt(v.numel())).item() if v.numel() > 1 else float("nan")
 
 
 def feature_stats(features: torch.Tensor):
@@ -61,6 +75,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max(d2.item(), 0.0)
 
 
+def frechet_distance_stderr(features1: torch.Tensor, features2: torch.Tensor,
+                            n_boot: int = 50, seed: int = 0) -> float:
+    """SE(d²) ≈ sd over b = 1..B of d²(F1*_b, F2*_b), F*_b a resample with replacement of each set.
+
+    The bootstrap standard error (Efron & Tibshirani 1993, ch. 6), seeded; B = 50 is within their
+    25–200 for a standard error. Cost: B·(2 covariances + 2 eigendecompositions of D×D).
+    """
+    f1, f2 = (torch.as_tensor(f).detach().double().cpu() for f in (features1, features2))
+    g = torch.Generator().manual_seed(seed)
+
+    def resample(f: torch.Tensor) -> torch.Tensor:
+        return f[torch.randint(len(f), (len(f),), generator=g)]
+
+    d2 = [frechet_distance(*feature_stats(resample(f1)), *feature_stats(resample(f2)))
+          for _ in range(n_boot)]
+    return torch.tensor(d2, dtype=torch.float64).std().item() if n_boot > 1 else float("nan")
+
+
 def fixed_noise(n: int, shape, seed: int, num: int) -> torch.Tensor:
     """ε [n, num, *shape]: image i's ``num`` draws come from a generator seeded by (seed, i) alone,
     so every trial and strategy sees the same noise on the same held-out image."""
@@ -72,17 +104,17 @@ def fixed_noise(n: int, shape, seed: int, num: int) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def heldout_denoising_loss(model_eps: EpsFn, x0: torch.Tensor, labels: torch.Tensor,
-                           alphas_cumprod: torch.Tensor, timesteps=(50, 200, 500, 800),
-                           seed: int = 0, batch_size: int = 256):
-    """L_t = (1/N) Σ_i ||ε_i,t − ε_θ(x_t, t, y_i)||² (pixel mean) at fixed t and fixed ε
-    (Ho et al. 2020, eq. 14 without the expectation over t); returns (mean_t L_t, {t: L_t}).
+HELDOUT_TIMESTEPS = (50, 200, 500, 800)
 
-    N·len(timesteps) network evaluations.
-    """
+
+@torch.no_grad()
+def heldout_denoising_errors(model_eps: EpsFn, x0: torch.Tensor, labels: torch.Tensor,
+                             alphas_cumprod: torch.Tensor, timesteps=HELDOUT_TIMESTEPS,
+                             seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """e_{t,i} = ||ε_{i,t} − ε_θ(x_{i,t}, t, y_i)||² (pixel mean) per timestep and image at fixed t
+    and fixed ε (``fixed_noise``): Float[len(timesteps), N]. N·len(timesteps) network evaluations."""
     noise = fixed_noise(x0.shape[0], x0.shape[1:], seed, len(timesteps)).to(x0.device)
-    per_t = {}
+    rows = []
     for j, t in enumerate(timesteps):
         sq = []
         for i in range(0, x0.shape[0], batch_size):
@@ -90,9 +122,28 @@ def heldout_denoising_loss(model_eps: EpsFn, x0: torch.Tensor, labels: torch.Ten
             tt = torch.full((x.shape[0],), t, device=x0.device, dtype=torch.long)
             pred = model_eps(q_sample(x, tt, eps, alphas_cumprod), tt, labels[i:i + batch_size])
             sq.append((pred.float() - eps.float()).pow(2).flatten(1).mean(1))
-        per_t[int(t)] = torch.cat(sq).mean().item()
+        rows.append(torch.cat(sq))
+    return torch.stack(rows)
+
+
+def heldout_denoising_loss(model_eps: EpsFn, x0: torch.Tensor, labels: torch.Tensor,
+                           alphas_cumprod: torch.Tensor, timesteps=HELDOUT_TIMESTEPS,
+                           seed: int = 0, batch_size: int = 256):
+    """L_t = (1/N) Σ_i ||ε_i,t − ε_θ(x_t, t, y_i)||² (pixel mean) at fixed t and fixed ε
+    (Ho et al. 2020, eq. 14 without the expectation over t); returns (mean_t L_t, {t: L_t}).
+
+    N·len(timesteps) network evaluations (``heldout_denoising_errors``, averaged over images).
+    """
+    errors = heldout_denoising_errors(model_eps, x0, labels, alphas_cumprod, timesteps, seed, batch_size)
+    return heldout_loss_of(errors, timesteps)
+
+
+def heldout_loss_of(errors: torch.Tensor, timesteps=HELDOUT_TIMESTEPS):
+    """L_t = (1/N) Σ_i e_{t,i} and L = (1/T) Σ_t L_t from errors [T, N]; returns (L, {t: L_t})."""
+    per_t = {int(t): row.mean().item() for t, row in zip(timesteps, errors)}
     return sum(per_t.values()) / len(per_t), per_t
 
 
 __all__ = ["top1", "expected_calibration_error", "feature_stats", "frechet_distance",
-           "heldout_denoising_loss", "fixed_noise"]
+           "frechet_distance_stderr", "binomial_stderr", "mean_stderr", "heldout_denoising_loss",
+           "heldout_denoising_errors", "heldout_loss_of", "fixed_noise", "HELDOUT_TIMESTEPS"]

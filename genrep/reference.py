@@ -1,5 +1,5 @@
 """The reference classifier: a small CNN trained once on the real training images, the fixed
-yardstick for generated samples (DESIGN.md, "Metrics").
+yardstick for generated samples (docs/evaluation.md, "The reference classifier").
 
 No Inception weights can be downloaded here, so the Fréchet distance is computed in this net's
 penultimate (128-d) feature space (``fd_ref``), and its accuracy on class-c samples says whether

@@ -6,9 +6,7 @@ at once from one generator, so a seed gives the same images whatever ``batch_siz
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
+import io
 
 import torch
 from diffusers import DDIMScheduler
@@ -107,24 +105,15 @@ def tile(images: torch.Tensor, rows: int) -> torch.Tensor:
     return images.view(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
 
 
-def save_grid_png(images: torch.Tensor, rows: int, path) -> Path:
-    """Write images in [-1, 1] as one PNG grid (rows = classes), atomically: temp file + os.replace."""
+def grid_png(images: torch.Tensor, rows: int) -> bytes:
+    """Images in [-1, 1] as the bytes of one PNG grid (rows = classes); the caller writes them."""
     from PIL import Image  # diffusers' own dependency; imported here so genrep's import stays light
 
     grid = tile(to_uint8(images), rows).numpy()
-    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
+    return buf.getvalue()
 
 
-__all__ = ["ddim_sample", "sample_grid", "save_grid_png", "sampling_evals", "guided_eps",
+__all__ = ["ddim_sample", "sample_grid", "grid_png", "sampling_evals", "guided_eps",
            "grid_labels", "make_ddim"]

@@ -10,13 +10,14 @@ from typing import IO, Iterator
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a unique temp file beside ``path``; on a clean exit fsync it, ``os.replace`` it over
-    ``path`` and fsync the directory (so the rename survives a power cut); on an error remove it."""
+    """Open a unique temp file beside ``path`` (text modes: UTF-8); on a clean exit fsync it,
+    ``os.replace`` it over ``path`` and fsync the directory (so the rename survives a power cut);
+    on an error, or a crash before the rename, remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -1,44 +1,35 @@
-"""End-of-trial scoring of the networks, the same yardstick for every strategy (DESIGN.md, "Metrics").
+"""End-of-trial scoring of the networks, the same yardstick for every strategy (docs/evaluation.md).
 
 Perception: head top-1 and ECE, the network's own zero-shot (Monte Carlo) accuracy. Generation:
 held-out denoising loss at fixed (t, ε), and class-conditional DDIM samples scored by the cached
 reference classifier (``fd_ref``, ``sample_acc``). Cost: seconds and network evaluations spent.
+Each metric with a standard error reports it as ``<metric>_stderr`` (the results table's
+``stderr`` column): binomial for the accuracies, over images for the held-out loss, bootstrap for
+``fd_ref``; ``head_ece`` has none.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from genrep.metrics import (expected_calibration_error, feature_stats, frechet_distance,
-                            heldout_denoising_loss, top1)
+from genrep.metrics import (HELDOUT_TIMESTEPS, binomial_stderr, expected_calibration_error,
+                            feature_stats, frechet_distance, frechet_distance_stderr,
+                            heldout_denoising_errors, heldout_loss_of, mean_stderr, top1)
 from genrep.posterior import mc_posterior
 from genrep.reference import ReferenceNet, accuracy, embed, train_reference
-from genrep.sampling import sample_grid, sampling_evals, save_grid_png
+from genrep.sampling import grid_png, sample_grid, sampling_evals
+from harness import atomic
 
 HELDOUT_SEED = 0  # fixed noise for the held-out loss: the same draws for every trial and strategy
 
 
 # ---------------------------------------------------------------- reference classifier cache
-
-def _atomic_write(path: Path, write) -> None:
-    """write(file) into a unique temp file beside ``path``, then os.replace: readers see all or nothing."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _cache_stem(cache_dir: Path, key: str, train_kw: dict[str, Any]) -> Path:
     """``reference-<key>-<hash of train_kw>``: a change of training settings is a new entry."""
@@ -62,7 +53,8 @@ def reference_classifier(cache_dir, key: str, train_images, train_labels, val_im
                          **train_kw):
     """The reference classifier for ``key`` (the dataset manifest's checksum): trained once with
     ``train_reference(**train_kw)``, then loaded from ``cache_dir``. Returns (net, info) with
-    info['ref_val_acc'] and info['trained'] (False when it came from the cache).
+    info['ref_val_acc'] (on info['ref_val_n'] images) and info['trained'] (False when it came
+    from the cache).
 
     Weights and info are one file (``.pt``) written by temp + os.replace, so two racing processes
     may both train, but a reader never sees a half-written or mismatched pair; ``.json`` is a
@@ -76,12 +68,11 @@ def reference_classifier(cache_dir, key: str, train_images, train_labels, val_im
     t0 = time.perf_counter()
     net = train_reference(train_images, train_labels, **train_kw)
     info = {"key": key, "channels": net.channels, "num_classes": net.num_classes, "width": net.width,
-            "ref_val_acc": accuracy(net, val_images, val_labels),
+            "ref_val_acc": accuracy(net, val_images, val_labels), "ref_val_n": int(val_labels.shape[0]),
             "ref_train_seconds": time.perf_counter() - t0, "train_kw": json.dumps(train_kw, default=str)}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(stem.with_suffix(".pt"),
-                  lambda f: torch.save({"state_dict": net.state_dict(), "info": info}, f))
-    _atomic_write(stem.with_suffix(".json"), lambda f: f.write(json.dumps(info, indent=2).encode()))
+    with atomic.atomic_open(stem.with_suffix(".pt"), "wb") as f:
+        torch.save({"state_dict": net.state_dict(), "info": info}, f)
+    atomic.write_text(stem.with_suffix(".json"), json.dumps(info, indent=2))
     return net, {**info, "trained": True}
 
 
@@ -108,41 +99,54 @@ def eps_fn(model):
 
 @torch.no_grad()
 def head_metrics(model, images, labels, batch_size: int = 256) -> dict[str, float]:
-    """Top-1 and ECE of the perception head's softmax on held-out images."""
+    """Top-1 (binomial stderr over the N images) and ECE of the perception head's softmax."""
     dtype = next(model.parameters()).dtype
     logits = torch.cat([model.logits(images[i:i + batch_size].to(dtype)).float()
                         for i in range(0, images.shape[0], batch_size)])
-    return {"head_acc": top1(logits, labels),
+    acc = top1(logits, labels)
+    return {"head_acc": acc, "head_acc_stderr": binomial_stderr(acc, labels.shape[0]),
             "head_ece": expected_calibration_error(logits.softmax(-1), labels)}
 
 
 def mc_metrics(model, images, labels, k: int, alphas_cumprod, seed: int) -> tuple[dict[str, float], int]:
-    """Zero-shot diffusion-classifier top-1 (Li et al. 2023) with K shared draws; B·K·C evaluations."""
+    """Zero-shot diffusion-classifier top-1 (Li et al. 2023) with K shared draws, binomial stderr
+    over the images; B·K·C evaluations."""
     gen = torch.Generator(device=images.device).manual_seed(seed)
     res = mc_posterior(eps_fn(model), images, model.num_classes, k,
                        alphas_cumprod.to(images.device), generator=gen)
-    return {"mc_acc": top1(res.pred, labels), "mc_evals_per_image": res.evals / images.shape[0]}, res.evals
+    acc = top1(res.pred, labels)
+    return {"mc_acc": acc, "mc_acc_stderr": binomial_stderr(acc, images.shape[0]),
+            "mc_evals_per_image": res.evals / images.shape[0]}, res.evals
 
 
 def heldout_metrics(model, images, labels, alphas_cumprod) -> tuple[dict[str, float], int]:
-    """Held-out ε-MSE at fixed timesteps and fixed noise (mean and per t); N·|timesteps| evaluations."""
-    mean, per_t = heldout_denoising_loss(eps_fn(model), images, labels,
-                                         alphas_cumprod.to(images.device), seed=HELDOUT_SEED)
-    out = {"heldout_loss": mean, **{f"heldout_loss_t{t}": v for t, v in per_t.items()}}
-    return out, images.shape[0] * len(per_t)
+    """Held-out ε-MSE at fixed timesteps and fixed noise (mean and per t), each with the stderr
+    of its mean over the N images; N·|timesteps| evaluations."""
+    errors = heldout_denoising_errors(eps_fn(model), images, labels,
+                                      alphas_cumprod.to(images.device), seed=HELDOUT_SEED)
+    mean, per_t = heldout_loss_of(errors, HELDOUT_TIMESTEPS)
+    # an image's loss is its mean over the timesteps: their mean over images is ``mean``
+    out = {"heldout_loss": mean, "heldout_loss_stderr": mean_stderr(errors.mean(0))}
+    for (t, loss_t), e in zip(per_t.items(), errors):
+        out |= {f"heldout_loss_t{t}": loss_t, f"heldout_loss_t{t}_stderr": mean_stderr(e)}
+    return out, errors.numel()
 
 
 def sample_metrics(model, images, ref_net, per_class: int, steps: int, guidance_scale: float,
                    seed: int, grid_path=None) -> tuple[dict[str, float], int]:
     """Class-conditional DDIM samples scored by the reference net: Fréchet distance of its features
-    to the held-out images' (fd_ref) and its accuracy on the samples (sample_acc)."""
+    to the held-out images' (fd_ref, bootstrap stderr) and its accuracy on the samples
+    (sample_acc, binomial stderr over the samples)."""
     samples, labels = sample_grid(eps_fn(model), model.num_classes, per_class, images.shape[1:],
                                   device=images.device, steps=steps, guidance_scale=guidance_scale,
                                   null_class=model.null_class, generator=seed)
     if grid_path is not None:
-        save_grid_png(samples, model.num_classes, grid_path)
-    fd = frechet_distance(*feature_stats(embed(ref_net, images)), *feature_stats(embed(ref_net, samples)))
-    out = {"fd_ref": fd, "sample_acc": accuracy(ref_net, samples, labels)}
+        atomic.write_bytes(grid_path, grid_png(samples, model.num_classes))
+    real, fake = embed(ref_net, images), embed(ref_net, samples)
+    acc = accuracy(ref_net, samples, labels)
+    out = {"fd_ref": frechet_distance(*feature_stats(real), *feature_stats(fake)),
+           "fd_ref_stderr": frechet_distance_stderr(real, fake, seed=seed),
+           "sample_acc": acc, "sample_acc_stderr": binomial_stderr(acc, samples.shape[0])}
     return out, sampling_evals(samples.shape[0], steps, guidance_scale)
 
 

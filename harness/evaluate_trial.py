@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from genrep.metrics import binomial_stderr
 from harness.config import TrialConfig
 from harness.data import make_loader
 
@@ -46,7 +47,8 @@ def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, devic
                        mc_images=e.mc_images, sample_per_class=e.samples_per_class,
                        ddim_steps=e.ddim_steps, guidance_scale=e.guidance_scale, seed=0,
                        alphas_cumprod=step_fn.alphas_cumprod, grid_path=grid)
-        out["ref_val_acc"] = float(info["ref_val_acc"])
+        acc, n = float(info["ref_val_acc"]), int(info.get("ref_val_n", len(val_y)))  # older caches: no n
+        out |= {"ref_val_acc": acc, "ref_val_acc_stderr": binomial_stderr(acc, n)}
         out.update(cost_counts(step_fn))
     if dist.is_initialized():
         dist.barrier()

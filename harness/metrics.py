@@ -1,12 +1,21 @@
 """The one metric registry: each metric's name, direction (↑/↓), unit and kind.
 
-Results (``higher_is_better`` column), reports (↑/↓ labels, best-in-column), the Optuna search
-(objectives and their default direction) and ``perf`` all read this table; a metric is added here
-once. ``kind`` groups metrics in reports: perception, generation, teacher, cost, conflict, loss.
+Results (``higher_is_better`` column), reports (↑/↓ labels, best-in-column, which columns and how
+a trial's rows reduce), the Optuna search (objectives and their default direction) and ``perf``
+all read this table; a metric is added here once, and a name registered twice is an error.
+``kind`` groups metrics: perception, generation, teacher, loss, cost, conflict (telemetry of the
+task gradients, no direction), data, status.
+
+A reported row may carry ``"<metric>_stderr"`` beside ``"<metric>"``: the results table moves it
+to that metric's ``stderr`` column (``harness.results.long_rows``); it is never a metric itself.
 """
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
+
+STDERR_SUFFIX = "_stderr"
+PER_T = re.compile(r"(?P<base>.+)_t\d+")  # heldout_loss_t50: heldout_loss at one timestep
 
 
 class Metric(NamedTuple):
@@ -15,48 +24,98 @@ class Metric(NamedTuple):
     unit: str = ""
     kind: str = ""
     objective: bool = False  # may be an Optuna objective (read off a trial's final report)
+    reduce: str = ""  # a per-step cost: how the report reduces a trial's train rows ("mean", "max")
 
 
-def _m(name, hib, unit="", kind="", objective=False) -> tuple[str, Metric]:
-    return name, Metric(name, hib, unit, kind, objective)
+def _m(name, hib, unit="", kind="", objective=False, reduce="") -> Metric:
+    return Metric(name, hib, unit, kind, objective, reduce)
 
 
-METRICS: dict[str, Metric] = dict([
-    # perception
-    _m("acc", True, "fraction", "perception"),
+def _registry(*metrics: Metric) -> dict[str, Metric]:
+    out: dict[str, Metric] = {}
+    for m in metrics:
+        if m.name in out:
+            raise ValueError(f"metric {m.name!r} registered twice")
+        out[m.name] = m
+    return out
+
+
+METRICS: dict[str, Metric] = _registry(
+    # perception (held out; head_acc, mc_acc with a binomial stderr)
     _m("head_acc", True, "fraction", "perception", objective=True),
     _m("mc_acc", True, "fraction", "perception", objective=True),
     _m("head_ece", False, "fraction", "perception", objective=True),
-    _m("kd_agree", True, "fraction", "perception"),
-    _m("ref_val_acc", True, "fraction", "generation"),
-    # generation
-    _m("sample_acc", True, "fraction", "generation", objective=True),
-    _m("fd_ref", False, "feature units²", "generation", objective=True),
+    # generation (held out; heldout_loss (and heldout_loss_t<t> per timestep, see ``lookup``):
+    # stderr over images; fd_ref: bootstrap stderr; sample_acc: binomial)
     _m("heldout_loss", False, "mse", "generation", objective=True),
-    # losses
+    _m("fd_ref", False, "feature units²", "generation", objective=True),
+    _m("sample_acc", True, "fraction", "generation", objective=True),
+    _m("ref_val_acc", True, "fraction", "generation"),  # the reference classifier's own
+    # training rows: window means over the logged steps
+    _m("acc", True, "fraction", "perception"),
+    _m("kd_agree", True, "fraction", "teacher"),
+    _m("mc_stderr", False, "", "teacher"),  # the teacher's own Monte Carlo error, a metric here
     _m("loss_perc", False, "nats", "loss"),
     _m("loss_gen", False, "mse", "loss"),
     _m("loss_ce", False, "nats", "loss"),
     _m("loss_kd", False, "nats", "loss"),
-    # cost
-    _m("step_time", False, "s", "cost", objective=True),
-    _m("images_per_s", True, "images/s", "cost"),
-    _m("rss_mb", False, "MiB", "cost"),
-    _m("mc_evals", False, "forwards/step", "cost"),
-    _m("mc_stderr", False, "", "teacher"),
+    # cost: per training step (reduced per trial in reports), then per evaluation
+    _m("step_time", False, "s", "cost", objective=True, reduce="mean"),
+    _m("images_per_s", True, "images/s", "cost", reduce="mean"),
+    _m("mc_evals", False, "forwards/step", "cost", reduce="mean"),
+    _m("rss_mb", False, "MiB", "cost", reduce="max"),
     _m("eval_seconds", False, "s", "cost"),
     _m("eval_network_evals", False, "forwards", "cost"),
     _m("mc_evals_per_image", False, "forwards/image", "cost"),
+    _m("params_total", None, "parameters", "cost"),
+    _m("num_networks", None, "networks", "cost"),
+    # gradient telemetry (harness.step): no better or worse, what the strategies saw and did
+    _m("cos", None, "", "conflict"),
+    _m("norm_p", None, "", "conflict"),
+    _m("norm_g", None, "", "conflict"),
+    _m("norm_ratio", None, "", "conflict"),
+    _m("conflict", None, "fraction of steps", "conflict"),
+    _m("damping", None, "", "conflict"),
+    _m("w_p", None, "", "conflict"),
+    _m("w_g", None, "", "conflict"),
+    # data and status
     _m("skipped_samples", False, "samples", "data"),
-])
+    _m("failed", False, "", "status"),  # the status row of a failed trial (harness.sweep)
+)
+
+
+def lookup(name: str) -> Metric | None:
+    """The registered metric, or for ``<base>_t<t>`` (one timestep of ``<base>``, e.g.
+    ``heldout_loss_t50``) the base metric under that name, not an objective; else None."""
+    if name in METRICS:
+        return METRICS[name]
+    per_t = PER_T.fullmatch(name)
+    base = METRICS.get(per_t["base"]) if per_t else None
+    return base._replace(name=name, objective=False) if base else None
 
 
 def direction(name: str) -> bool | None:
     """True if higher is better, False if lower is, None for an unregistered or neutral metric."""
-    m = METRICS.get(name)
+    m = lookup(name)
     return None if m is None else m.higher_is_better
 
 
 def objectives() -> dict[str, str]:
     """Metrics Optuna may optimise, with their default mode ("max"/"min")."""
     return {n: "max" if m.higher_is_better else "min" for n, m in METRICS.items() if m.objective}
+
+
+def held_out() -> tuple[str, ...]:
+    """The quality metrics a report shows per strategy: held-out objectives, registry order."""
+    return tuple(n for n, m in METRICS.items() if m.objective and m.kind in ("perception", "generation"))
+
+
+def costs() -> dict[str, str]:
+    """Per-step cost metrics → how a report reduces one trial's logged train rows."""
+    return {n: m.reduce for n, m in METRICS.items() if m.reduce}
+
+
+def stderr_of(key: str) -> str | None:
+    """The metric whose stderr ``key`` is (``head_acc_stderr`` → ``head_acc``), else None."""
+    base = key[:-len(STDERR_SUFFIX)] if key.endswith(STDERR_SUFFIX) else None
+    return base or None

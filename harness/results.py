@@ -2,8 +2,10 @@
 
 Schema (fixed): trial, strategy, seed, step, split, metric, value, stderr, higher_is_better,
 status, error, config_hash, git_sha, versions, config (JSON), and ``cfg.*`` columns for the main
-config fields. Files are written atomically (temp file, fsync, rename); a reader rejects a
-truncated or foreign file with an error naming it.
+config fields. ``higher_is_better`` comes from the metric registry (``harness.metrics``);
+``stderr`` from a reported ``"<metric>_stderr"`` beside the metric, else NaN. Files are written
+atomically (``harness.atomic``); a reader rejects a truncated or foreign file with an error naming
+it.
 """
 from __future__ import annotations
 
@@ -12,21 +14,14 @@ import math
 import os
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
-# direction of each metric: True = higher is better, False = lower is better
-DIRECTIONS: dict[str, bool] = {
-    "acc": True, "head_acc": True, "mc_acc": True, "sample_acc": True, "ref_val_acc": True,
-    "kd_agree": True, "images_per_s": True,
-    "head_ece": False, "fd_ref": False, "heldout_loss": False, "loss_perc": False,
-    "loss_gen": False, "loss_ce": False, "loss_kd": False, "step_time": False, "rss_mb": False,
-    "mc_evals": False, "mc_stderr": False, "eval_seconds": False, "eval_network_evals": False,
-    "skipped_samples": False, "mc_evals_per_image": False,
-}
+from harness import atomic
+from harness.metrics import METRICS, direction, held_out, stderr_of
+
 KEYS = ("trial", "strategy", "seed", "step", "split")
 COLUMNS = (*KEYS, "metric", "value", "stderr", "higher_is_better", "status", "error",
            "config_hash", "git_sha", "versions", "config")
@@ -69,29 +64,45 @@ def lookup(tree: dict[str, Any], dotted: str) -> Any:
     return None if tree == {} else tree
 
 
+def number(value: Any) -> float | None:
+    """A reported value as a float; None for text, flags, None, NaN and anything not a number."""
+    if isinstance(value, (str, bool)) or value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def is_stderr(key: str, rep: dict[str, Any]) -> bool:
+    """``<metric>_stderr`` of a metric in this report or in the registry (``mc_stderr``, whose
+    "mc" is neither, is a metric of its own)."""
+    base = stderr_of(key)
+    return base is not None and (base in rep or base in METRICS)
+
+
 def long_rows(history: Iterable[dict[str, Any]], trial: dict[str, Any]) -> list[dict[str, Any]]:
     """Melt reported rows (one dict per report) into long rows carrying the trial's fields.
 
     Tune's history table is the union of all reports, so a metric a report did not carry shows
     up as NaN: NaN values are dropped as "not reported" (a non-finite *loss* never gets here:
-    the step raises ``NonFiniteLoss`` and the trial is recorded as failed).
+    the step raises ``NonFiniteLoss`` and the trial is recorded as failed). A report's
+    ``"<metric>_stderr"`` fills that metric's ``stderr`` column and is no row of its own.
     """
     rows = []
     for rep in history:
-        for metric, value in rep.items():
-            if metric in NOT_METRICS or isinstance(value, (str, bool)) or value is None:
+        if isinstance(rep.get("step"), float) and math.isnan(rep["step"]):
+            continue
+        for metric, raw in rep.items():
+            value = number(raw)
+            if metric in NOT_METRICS or value is None or is_stderr(metric, rep):
                 continue
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                continue
-            if math.isnan(value):
-                continue
-            if isinstance(rep.get("step"), float) and math.isnan(rep["step"]):
-                continue
+            stderr = number(rep.get(metric + "_stderr"))
             rows.append({**trial, "step": int(rep["step"]), "split": str(rep.get("split", "train")),
-                         "metric": metric, "value": value, "stderr": float("nan"),
-                         "higher_is_better": DIRECTIONS.get(metric)})
+                         "metric": metric, "value": value,
+                         "stderr": float("nan") if stderr is None else stderr,
+                         "higher_is_better": direction(metric)})
     return rows
 
 
@@ -135,29 +146,10 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write to a temp file in the same directory, fsync it, rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            df.to_parquet(f, index=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)  # the rename itself survives a power cut only once this is done
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """The table as parquet, written atomically (``harness.atomic``): the old file or the new."""
+    with atomic.atomic_open(path, "wb") as f:
+        df.to_parquet(f, index=False)
+    return Path(path)
 
 
 def read_results(path: str | os.PathLike) -> pd.DataFrame:
@@ -183,7 +175,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     ok = df[df["status"] == "ok"]
     held = ok[ok["split"] != "train"]
-    wanted = ["head_acc", "mc_acc", "head_ece", "heldout_loss", "fd_ref", "sample_acc"]
+    wanted = list(held_out())
     final = held[held["metric"].isin(wanted)].pivot_table(index="strategy", columns="metric",
                                                            values="value", aggfunc="mean")
     train = ok[ok["split"] == "train"]

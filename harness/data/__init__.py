@@ -1,13 +1,14 @@
-"""Datasets as webdataset shards: sources → pack (+ manifest) → verify → stream."""
+"""Datasets as webdataset shards: sources → pack (+ manifest) → verify (a reused pack cache, or
+shards from elsewhere) → stream."""
 from .bench import loader_throughput
 from .errors import DataError, SkipRecord
 from .manifest import Manifest, ShardInfo, SplitInfo, load_manifest, verify
 from .pack import ensure_packed, pack
 from .sources import SOURCES, Source, open_source
-from .stream import ShardLoader, batches_per_epoch, make_loader, shard_urls, split_samples
+from .stream import ShardLoader, make_loader, shard_urls, split_samples
 
 __all__ = [
     "DataError", "Manifest", "SOURCES", "ShardInfo", "ShardLoader", "SkipRecord", "Source",
-    "SplitInfo", "batches_per_epoch", "ensure_packed", "load_manifest", "loader_throughput",
+    "SplitInfo", "ensure_packed", "load_manifest", "loader_throughput",
     "make_loader", "open_source", "pack", "shard_urls", "split_samples", "verify",
 ]

@@ -22,8 +22,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .. import atomic
 from .errors import DataError
-from .manifest import FORMAT, VERSION, sha256_file
+from .manifest import FORMAT, VERSION, sha256_file, verify
 from .sources import Source, open_source
 
 SPLITS = ("train", "val", "test")
@@ -76,17 +77,6 @@ def write_shard(path: Path, source: Source, indices: np.ndarray, bar: tqdm) -> d
     return {"file": path.name, "count": len(indices), "sha256": sha256_file(path)}
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to a temp file, fsync it, then os.replace: readers never see half a manifest."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def pack(source: str, out_dir: str | os.PathLike, shard_size: int = 500, image_size: int = 16,
          split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0,
          count: int | None = None) -> Path:
@@ -114,7 +104,7 @@ def pack(source: str, out_dir: str | os.PathLike, shard_size: int = 500, image_s
         "class_names": src.class_names, "has_mask": src.has_mask, "splits": splits,
     }
     path = out / "manifest.json"
-    write_json_atomic(path, manifest)
+    atomic.write_text(path, json.dumps(manifest, indent=2) + "\n")  # readers never see half of it
     return path
 
 
@@ -135,19 +125,34 @@ def cache_key(source: str, **params) -> str:
 def ensure_packed(source: str, root: str | os.PathLike, **params) -> Path:
     """Pack once into a cache directory keyed by the parameters; return its manifest path.
 
+    A cache packed earlier is verified on reuse (every shard against the manifest's sha256, one
+    read of the shards per call): a damaged cache is a DataError naming the shard, never data
+    silently different from what the key promises.
+
     Race-safe: each process packs into its own temp dir and renames it into place; a rename that
     loses (the directory now exists) discards its copy and uses the winner's."""
     root = Path(root)
     final = root / cache_key(source, **params)
     if (final / "manifest.json").is_file():
-        return final / "manifest.json"
+        return verified(final / "manifest.json")
     tmp = root / f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
         pack(source, tmp, **params)
-        os.rename(tmp, final)  # atomic; fails if another process's `final` already exists
+        # Not harness.atomic: that replaces a *file* and would overwrite a winner's; this renames
+        # a whole directory and must fail (ENOTEMPTY/EEXIST) when another process got there first
+        os.rename(tmp, final)
     except OSError:
         if not (final / "manifest.json").is_file():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final / "manifest.json"
+
+
+def verified(manifest: Path) -> Path:
+    """``manifest`` once every shard it lists matches its checksum (``manifest.verify``)."""
+    try:
+        verify(manifest)
+    except DataError as e:
+        raise DataError(f"{e} (a damaged pack cache: delete {manifest.parent} to repack)") from e
+    return manifest

@@ -55,12 +55,6 @@ def shard_urls(manifest: Manifest | str | os.PathLike, split: str, base: str | N
     return [str(Path(base) / f) for f in files]
 
 
-def batches_per_epoch(count: int, batch_size: int, world_size: int = 1) -> int:
-    """Batches every rank can take with drop_last (ranks hold count // world or one more sample);
-    cap training at this so all ranks step the same number of times."""
-    return (count // world_size) // batch_size
-
-
 # --- pipeline stages: generators over samples, markers (SkipRecord) pass straight through ------
 
 class _EndChecked:

@@ -2,7 +2,7 @@
 
 The report is a list of sections (headings, paragraphs, tables, figures) rendered twice: as
 Markdown with relative image links and as HTML with the images inlined as base64 data URIs.
-Every file is written atomically (temp file in the same directory, fsync, os.replace).
+Every file is written atomically (``harness.atomic``: temp file, fsync, os.replace).
 """
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ import base64
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
+from harness import atomic
 from harness.report.plots import all_plots
-from harness.report.search import search_table
+from harness.report.search import PARETO, search_table
 from harness.report.tables import (conflict_table, format_table, held_out_split, load, main_table,
                                    strategies)
 
@@ -34,20 +33,8 @@ MAX_TRIAL_ROWS = 50
 
 
 def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Temp file next to ``path``, fsync, rename over it: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Text (UTF-8) or bytes, written atomically by ``harness.atomic``: never half a file."""
+    return atomic.write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def cell(v: Any) -> str:
@@ -109,7 +96,7 @@ def sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], search: dict[str
     if not search["trials"].empty:
         trials = search["trials"]
         out += [{"h2": "Search"}, {"h3": "Best configuration (mean val head_acc over seeds)"},
-                {"table": search["best"].set_index("strategy")}, {"h3": "Pareto front (head_acc ↑, fd_ref ↓, step_time ↓)"},
+                {"table": search["best"].set_index("strategy")}, {"h3": f"Pareto front ({PARETO})"},
                 {"table": search["pareto"].set_index("trial")}, {"h3": "Parameter importance"},
                 {"p": IMPORTANCE_NOTE}, {"table": search["importance"].set_index("param")},
                 {"h3": f"Trials ({len(trials)}; first {MAX_TRIAL_ROWS} here, all in search_trials.csv)"},

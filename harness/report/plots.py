@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from harness.metrics import direction
 from harness.report.stats import pareto_front
-from harness.report.tables import final_values, held_out_split, ok_rows, strategies
+from harness.report.tables import final_values, held_out_split, labelled, ok_rows, strategies
 
 CURVES = ("loss_perc", "loss_gen")
 DPI = 110
@@ -46,9 +47,11 @@ def acc_vs_fd(df: pd.DataFrame) -> Figure | None:
     col = colours(strategies(df))
     for s, g in pts.groupby("strategy", sort=False):
         ax.scatter(g["fd"], g["acc"], color=col[s], label=s, s=28)
-    front = pts[pareto_front(pts[["acc", "fd"]].to_numpy(), [True, False])].sort_values("fd")
+    front = pts[pareto_front(pts[["acc", "fd"]].to_numpy(),
+                             [direction("head_acc"), direction("fd_ref")])].sort_values("fd")
     ax.plot(front["fd"], front["acc"], "k--", lw=1, label="Pareto front")
-    ax.set(xlabel="fd_ref ↓ (reference-feature Fréchet distance)", ylabel="head_acc ↑",
+    ax.set(xlabel=f"{labelled('fd_ref')} (reference-feature Fréchet distance)",
+           ylabel=labelled("head_acc"),
            title=f"accuracy vs generation quality ({split})")
     ax.legend(fontsize=8)
     return fig
@@ -108,7 +111,7 @@ def search_landscape(trials: pd.DataFrame, target: str = "head_acc") -> Figure |
             ax.scatter(g["_x"], g[target], color=col[s], label=s, s=20)
         ax.set(xlabel=p, ylabel=target if i == 0 else None)
     fig.axes[0].legend(fontsize=7)
-    fig.suptitle(f"search landscape: val {target} ↑")
+    fig.suptitle(f"search landscape: val {labelled(target)}")
     return fig
 
 

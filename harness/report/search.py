@@ -13,10 +13,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.metrics import direction
 from harness.report.stats import pareto_front
-from harness.report.tables import held_out_split, ok_rows
+from harness.report.tables import held_out_split, labelled, ok_rows
 
-OBJECTIVES = {"head_acc": True, "fd_ref": False, "step_time": False}  # True = maximise
+# the report's three search objectives (accuracy, generation quality, cost) → maximise? (registry)
+OBJECTIVES = {m: direction(m) for m in ("head_acc", "fd_ref", "step_time")}
+PARETO = ", ".join(map(labelled, OBJECTIVES))  # "head_acc ↑, fd_ref ↓, step_time ↓"
 NOT_PARAMS = {"seed", "strategy.name", "name", "output_dir", "source_file"}
 KEYS = ["sweep", "trial", "strategy", "seed", "status"]
 EMPTY = ("trials", "best", "pareto", "importance")
@@ -116,8 +119,8 @@ def best_config(trials: pd.DataFrame, params: list[str]) -> pd.DataFrame:
 def search_table(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """{"trials", "best", "pareto", "importance"} DataFrames; all empty when nothing was searched.
 
-    Pareto: the trials not dominated over (head_acc ↑, fd_ref ↓, step_time ↓), objectives
-    missing from the results left out.
+    Pareto: the trials not dominated over ``OBJECTIVES`` (head_acc ↑, fd_ref ↓, step_time ↓),
+    objectives missing from the results left out.
     """
     empty = {k: pd.DataFrame() for k in EMPTY}
     if df.empty:

@@ -14,16 +14,14 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from harness.results import DIRECTIONS, read_results
+from harness import metrics as registry
+from harness.results import read_results
 from harness.report.stats import mean_ci, paired_delta
 
-QUALITY = ("head_acc", "mc_acc", "head_ece", "heldout_loss", "fd_ref", "sample_acc")
-# cost metrics from the per-step train rows, and how one trial's logged rows are reduced
-COST = {"step_time": "mean", "images_per_s": "mean", "mc_evals": "mean", "rss_mb": "max"}
-COST_LABEL = {"step_time": "step_time (s)", "images_per_s": "images/s",
-              "mc_evals": "MC evals/step", "rss_mb": "peak rss_mb"}
+# the registry's held-out objectives, and the per-step costs with how a trial's rows reduce
+QUALITY = registry.held_out()
+COST = registry.costs()
 UNIT = ["sweep", "seed"]  # what pairs two strategies' runs
-ORDER = ("sum", "pcgrad", "genrep", "separate")
 
 
 def load(paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -41,16 +39,19 @@ def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def strategies(df: pd.DataFrame, baseline: str = "sum") -> list[str]:
-    """Baseline first, then the design's order, then the rest alphabetically."""
+    """Baseline first, then the known strategies (the rules, then the standalone modes such as
+    ``separate``: ``harness.modes``), then the rest (named variants) alphabetically."""
+    from harness.modes import known_strategies  # imports torch: only when a report is made
+
     names = set(df["strategy"].dropna()) if len(df) else set()
-    rank = {s: i for i, s in enumerate((baseline, *ORDER))}
+    rank = {s: i for i, s in enumerate(dict.fromkeys((baseline, *known_strategies())))}
     return sorted(names, key=lambda s: (rank.get(s, len(rank)), s))
 
 
 def direction(df: pd.DataFrame, metric: str) -> bool | None:
-    """higher_is_better from the rows (first non-null), else harness.results.DIRECTIONS."""
+    """higher_is_better from the rows (first non-null), else the registry (``harness.metrics``)."""
     col = df.loc[df["metric"] == metric, "higher_is_better"].dropna()
-    return bool(col.iloc[0]) if len(col) else DIRECTIONS.get(metric)
+    return bool(col.iloc[0]) if len(col) else registry.direction(metric)
 
 
 def held_out_split(df: pd.DataFrame) -> str:
@@ -159,8 +160,17 @@ def arrow(hib) -> str:
     return "" if hib is None or pd.isna(hib) else (" ↑" if hib else " ↓")
 
 
+def labelled(metric: str) -> str:
+    """The metric's name with its registered direction: "head_acc ↑", "cos"."""
+    return metric + arrow(registry.direction(metric))
+
+
 def column_label(metric: str, hib) -> str:
-    return COST_LABEL.get(metric, metric) + arrow(hib)
+    """"head_acc ↑"; a cost column names its unit and a peak: "rss_mb (MiB, peak) ↓"."""
+    m = registry.lookup(metric)
+    if m is None or m.kind != "cost" or not m.unit:
+        return metric + arrow(hib)
+    return f"{metric} ({m.unit}{', peak' if m.reduce == 'max' else ''})" + arrow(hib)
 
 
 def format_table(table: pd.DataFrame, value: str = "mean", markup: str = "md") -> pd.DataFrame:

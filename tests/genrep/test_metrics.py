@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from genrep.diffusion import make_scheduler
-from genrep.metrics import (expected_calibration_error, feature_stats, fixed_noise,
-                            frechet_distance, heldout_denoising_loss, top1)
-from genrep.sampling import ddim_sample, sample_grid, sampling_evals, save_grid_png, tile
+from genrep.metrics import (binomial_stderr, expected_calibration_error, feature_stats,
+                            fixed_noise, frechet_distance, frechet_distance_stderr,
+                            heldout_denoising_errors, heldout_denoising_loss, mean_stderr, top1)
+from genrep.sampling import ddim_sample, grid_png, sample_grid, sampling_evals, tile
 
 AC = make_scheduler().alphas_cumprod
 
@@ -104,15 +105,15 @@ def test_ddim_cfg_path_runs_and_counts_two_evals():
         ddim_sample(toy_eps, labels, (1, 4, 4), steps=3, guidance_scale=2.0)
 
 
-def test_sample_grid_and_png(tmp_path):
+def test_sample_grid_and_png():
+    import io
+
     from PIL import Image
 
     images, labels = sample_grid(toy_eps, 3, 2, (1, 4, 4), steps=2, generator=0)
     assert labels.tolist() == [0, 0, 1, 1, 2, 2] and images.shape == (6, 1, 4, 4)
-    path = save_grid_png(images, 3, tmp_path / "sub" / "grid.png")
-    img = Image.open(path)
+    img = Image.open(io.BytesIO(grid_png(images, 3)))  # the file is written by the harness
     assert img.size == (8, 12) and img.mode == "L"  # (width = 2 cols·4, height = 3 rows·4)
-    assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no temp file left
 
 
 def test_tile_layout():
@@ -132,3 +133,35 @@ def test_heldout_loss_fixed_draws():
     assert m1 == pytest.approx(sum(per1.values()) / 4)
     # image i's noise depends on (seed, i) only, not on how many images are scored
     torch.testing.assert_close(fixed_noise(5, (1, 4, 4), 0, 4)[:3], fixed_noise(3, (1, 4, 4), 0, 4))
+
+
+def test_heldout_errors_per_image_average_to_the_loss():
+    g = torch.Generator().manual_seed(0)
+    x0, labels = torch.rand(5, 1, 4, 4, generator=g) * 2 - 1, torch.tensor([0, 1, 2, 0, 1])
+    errors = heldout_denoising_errors(toy_eps, x0, labels, AC)
+    mean, per_t = heldout_denoising_loss(toy_eps, x0, labels, AC)
+    assert errors.shape == (4, 5)
+    assert errors.mean(1).tolist() == pytest.approx(list(per_t.values()), rel=1e-6)
+    assert errors.mean().item() == pytest.approx(mean, rel=1e-6)
+
+
+def test_binomial_stderr_by_hand():
+    assert binomial_stderr(0.8, 100) == pytest.approx(0.04)  # √(0.8·0.2/100) = √0.0016
+    assert binomial_stderr(0.5, 4) == pytest.approx(0.25)  # √(0.25/4)
+    assert binomial_stderr(1.0, 10) == 0.0 and math.isnan(binomial_stderr(0.5, 0))
+
+
+def test_mean_stderr_by_hand():
+    # values 1, 2, 3, 4: mean 2.5, s² = (2.25 + 0.25 + 0.25 + 2.25)/3 = 5/3, SE = √(5/3)/2
+    assert mean_stderr(torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx(math.sqrt(5 / 3) / 2)
+    assert math.isnan(mean_stderr(torch.tensor([1.0])))
+
+
+def test_frechet_bootstrap_stderr_seeded_and_shrinks_with_n():
+    g = torch.Generator().manual_seed(0)
+    small = [torch.randn(40, 3, generator=g), torch.randn(40, 3, generator=g) + 1]
+    big = [torch.randn(640, 3, generator=g), torch.randn(640, 3, generator=g) + 1]
+    se = frechet_distance_stderr(*small, seed=1)
+    assert se == frechet_distance_stderr(*small, seed=1) > 0  # the same resamples for a seed
+    # d² ≈ 3 for a unit shift in 3-D; its spread falls as 1/√n: 16× the data, about ¼ the stderr
+    assert 0.1 < frechet_distance_stderr(*big, seed=1) / se < 0.5

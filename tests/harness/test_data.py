@@ -278,3 +278,15 @@ def test_ensure_packed_caches_and_survives_a_lost_race(tmp_path, monkeypatch):
     monkeypatch.setattr(pack_mod, "pack", racing_pack)
     winner = ensure_packed("shapes", tmp_path / "race", **{**kw, "seed": 2})
     assert verify(winner) and [p.name for p in (tmp_path / "race").iterdir()] == [winner.parent.name]
+
+
+def test_a_reused_pack_cache_is_verified(tmp_path):
+    """ensure_packed checks a cache it did not just pack against the manifest's sha256."""
+    path = ensure_packed("shapes", tmp_path, count=60, shard_size=30)
+    assert ensure_packed("shapes", tmp_path, count=60, shard_size=30) == path  # intact: reused
+    shard = path.parent / "train-00000.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # one flipped byte inside the first member
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"shard {shard}: sha256 .* delete {path.parent} to repack"):
+        ensure_packed("shapes", tmp_path, count=60, shard_size=30)

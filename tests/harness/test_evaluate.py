@@ -88,3 +88,62 @@ def test_evaluate_tiny_model(tmp_path, separate, guidance):
     # MC 4·2·3 + sampling 6·3·(2 with CFG) + held-out 12·4 timesteps
     assert out["eval_network_evals"] == 24 + 6 * 3 * (2 if guidance != 1 else 1) + 12 * 4
     assert 0 <= out["head_ece"] <= 1 and 0 <= out["sample_acc"] <= 1
+
+
+class FixedHead(torch.nn.Module):
+    """A 'model' whose head returns given logits, one row per image (the image's first pixel
+    indexes the row)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.table = torch.nn.Parameter(logits, requires_grad=False)
+
+    def logits(self, x):
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+def test_head_accuracy_carries_its_binomial_stderr():
+    from harness.evaluate import head_metrics
+
+    # predictions 0, 1, 1, 2 against labels 0, 1, 2, 2: 3 of 4 right
+    logits = torch.eye(3)[[0, 1, 1, 2]] * 5
+    out = head_metrics(FixedHead(logits), torch.arange(4.0).view(4, 1, 1, 1), torch.tensor([0, 1, 2, 2]))
+    assert out["head_acc"] == 0.75
+    assert out["head_acc_stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))  # 0.2165
+
+
+def test_evaluation_reports_stderrs(tmp_path):
+    x, y = toy_dataset()
+    vx, vy = toy_dataset(4, seed=1)  # 12 held-out images
+    ref = train_reference(x, y, epochs=2, seed=0, batch_size=16)
+    out = evaluate(tiny_model(0), tiny_model(0), vx, vy, ref, mc_k=2, mc_images=4,
+                   sample_per_class=2, ddim_steps=3, seed=0,
+                   alphas_cumprod=make_scheduler().alphas_cumprod, grid_path=tmp_path / "samples.png")
+    binomial = {"head_acc": 12, "mc_acc": 4, "sample_acc": 6}  # images or samples scored
+    for m, n in binomial.items():
+        assert out[f"{m}_stderr"] == pytest.approx(math.sqrt(out[m] * (1 - out[m]) / n)), m
+    for m in ("heldout_loss", "heldout_loss_t50", "heldout_loss_t800", "fd_ref"):
+        assert math.isfinite(out[f"{m}_stderr"]) and out[f"{m}_stderr"] > 0, m
+    assert "head_ece_stderr" not in out
+    assert [p.name for p in tmp_path.iterdir()] == ["samples.png"]  # written atomically
+
+
+def test_heldout_stderr_is_the_spread_over_images():
+    from harness.evaluate import heldout_metrics
+
+    class ConstantEps(torch.nn.Module):  # ε_θ ≡ 0: an image's error is the mean of ε² at each t
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def eps(self, x, t, c):
+            return torch.zeros_like(x)
+
+    from genrep.metrics import fixed_noise
+
+    x, y = toy_dataset(2)  # 6 images
+    out, evals = heldout_metrics(ConstantEps(), x, y, make_scheduler().alphas_cumprod)
+    per_image = fixed_noise(6, x.shape[1:], 0, 4).pow(2).flatten(2).mean(2).mean(1)  # [6]
+    assert evals == 6 * 4
+    assert out["heldout_loss"] == pytest.approx(per_image.mean().item(), rel=1e-5)
+    assert out["heldout_loss_stderr"] == pytest.approx(per_image.std().item() / math.sqrt(6), rel=1e-5)
