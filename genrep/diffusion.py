@@ -6,6 +6,8 @@ Notation follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models"
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from diffusers import DDPMScheduler
 
@@ -55,3 +57,36 @@ def drop_labels(
     u = torch.rand(labels.shape, generator=generator, device=rng_device(generator, device))
     drop = u.to(device) < p_uncond  # u ∈ [0, 1): p=0 drops none, p=1 drops all
     return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+class DenoisingDraws(NamedTuple):
+    """The randomness of one generation-loss evaluation, one row per image."""
+
+    t: torch.Tensor  # Long[n], t ~ U{0, …, T−1}
+    noise: torch.Tensor  # [n, *shape], ε ~ N(0, I)
+    drop: torch.Tensor  # Bool[n], True: the label is replaced by ∅ (probability p_uncond)
+
+    def rows(self, index, device=None) -> "DenoisingDraws":
+        """The draws of some rows (a data-parallel rank's slice), moved to ``device``."""
+        return DenoisingDraws(*(v[index].to(device or v.device) for v in self))
+
+
+def draw_denoising(n: int, shape, num_timesteps: int, p_uncond: float,
+                   generator: torch.Generator | None = None, device="cpu") -> DenoisingDraws:
+    """t ~ U{0..T−1}, ε ~ N(0, I), drop ~ Bernoulli(p_uncond) for n images, drawn in this order.
+
+    Drawn for a *global* batch from one generator, every data-parallel rank draws the same numbers
+    and takes its rows: W ranks then train on exactly what one rank on the whole batch would.
+    """
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+    on = rng_device(generator, device)
+    t = torch.randint(0, num_timesteps, (n,), generator=generator, device=on)
+    noise = torch.randn((n, *shape), generator=generator, device=on)
+    drop = torch.rand(n, generator=generator, device=on) < p_uncond  # u ∈ [0, 1): p=0 drops none
+    return DenoisingDraws(t.to(device), noise.to(device), drop.to(device))
+
+
+def condition(labels: torch.Tensor, drop: torch.Tensor, null_class: int) -> torch.Tensor:
+    """c̃ = ∅ where dropped, else y (label dropout for classifier-free guidance, Ho & Salimans 2022)."""
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)

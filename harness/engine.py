@@ -1,7 +1,8 @@
-"""DeepSpeed, and only here: the engine's config, its creation, and writing a combined gradient into it.
+"""DeepSpeed's engine: its config, its creation, its process group's end (its use in a step:
+harness.parallel).
 
 The same code runs on a laptop (CPU accelerator, gloo, fp32) and on GPUs (NCCL, bf16); only the
-sweep's ``deepspeed`` and ``resources`` sections differ. Traps handled here (GROUND.md):
+sweep's ``deepspeed`` and ``resources`` sections differ. Traps handled here (README, "CPU and GPU"):
 - DeepSpeed's default ``gradient_clipping`` is 1.0: it is always written explicitly;
 - the CPU accelerator JIT-compiles a small op on first use: it gets a private, per-user
   ``TORCH_EXTENSIONS_DIR`` and the venv's ``bin/`` (ninja) on PATH;
@@ -100,17 +101,6 @@ def make_engine(model: nn.Module, cfg: TrialConfig, world_size: int):
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config(cfg, world_size), dist_init_required=False)
     return engine
-
-
-def backward_combined(engine, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
-    """Make the engine's gradient equal ``grads`` without a second backward through the network.
-
-    Surrogate loss S(θ) = Σ_i ⟨c_i, θ_i⟩ with c_i detached has ∇_θ S = c (GROUND.md, "surrogate
-    loss"): its backward costs O(P), and it runs through the engine's own hooks, so ZeRO's
-    reduce/partition machinery and the data-parallel averaging see it like any loss.
-    """
-    surrogate = sum((p * g.detach()).sum() for p, g in zip(params, grads))
-    engine.backward(surrogate)
 
 
 def destroy_process_group() -> None:

@@ -1,61 +1,33 @@
 """One training step on one data-parallel rank: losses, task gradients, the strategy, the update.
 
-Two training modes, registered by name; the loop never names a strategy:
+The maths is genrep's (draws, losses, strategies, telemetry); everything that involves other ranks
+or the DeepSpeed engine goes through ``harness.parallel``. Training modes are registered by name
+(``harness.modes`` knows which arm runs in which); the loop never names a strategy:
 - ``joint``: one GenRep network; the strategy combines the perception and generation gradients of
   the shared parameters (on the *global*, all-reduced gradients), the head takes the perception
-  gradient untouched. A strategy that needs no task gradients (``sum``) is a single backward.
+  gradient untouched. A strategy that needs no task gradients (``sum``) is a single backward of
+  the task-weighted loss.
 - ``separate``: two networks of the same architecture, one per task, each with its own engine.
-
-Randomness is drawn for the *global* batch from a generator seeded by (seed, step, stream) and each
-rank takes its slice, so a W-worker run draws exactly the numbers a 1-worker run on the
-concatenated batch draws: this is what makes the "2 workers = 1 worker" proof exact.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from genrep import strategies
-from genrep.diffusion import make_scheduler
-from genrep.losses import cross_entropy, denoising_loss_given, distillation_loss
+from genrep.diffusion import draw_denoising, make_scheduler
+from genrep.losses import generation_loss, perception_loss
 from genrep.model import GenRepModel, build_model
 from genrep.posterior import draw_mc, mc_posterior
 from genrep.registry import Registry
+from genrep.strategies.telemetry import summarize
 from harness import engine as ds
+from harness import parallel
 from harness.config import TrialConfig
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This rank's slice of the global batch."""
-
-    rank: int
-    world: int
-    local: int  # per-rank batch size
-
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        return x[self.rank * self.local: (self.rank + 1) * self.local]
-
-
-def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
-    """A generator whose state depends only on (seed, step, stream): identical on every rank."""
-    digest = hashlib.sha256(f"{seed}/{step}/{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """In-place average over the data-parallel ranks (a no-op on one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
+from harness.modes import mode_of
+from harness.parallel import Shard, step_generator  # noqa: F401  (re-exported for callers)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -65,39 +37,14 @@ class NonFiniteLoss(RuntimeError):
 def check_finite(step: int, **losses: torch.Tensor) -> None:
     """Raise :class:`NonFiniteLoss` before any gradient of a non-finite loss reaches the weights.
 
-    The verdict is global (one all-reduce of one flag per loss): a NaN on one rank's slice stops
-    every rank at the same step, instead of leaving the others waiting in the next collective.
+    The verdict is global (``parallel.nonfinite_anywhere``): a NaN on one rank's slice stops every
+    rank at the same step, instead of leaving the others waiting in the next collective.
     """
-    flags = torch.stack([~torch.isfinite(v.detach()).all() for v in losses.values()]).float()
-    bad = [name for name, f in zip(losses, all_reduce_mean(flags).tolist()) if f > 0]
+    bad = parallel.nonfinite_anywhere(losses)
     if bad:
         here = ", ".join(f"{n} = {float(losses[n]):g}" for n in bad)
         raise NonFiniteLoss(f"step {step}: non-finite {' and '.join(bad)} (on this rank: {here}); "
                             "the trial stops before the update")
-
-
-def flat(grads: list[torch.Tensor | None], params: list[nn.Parameter],
-         out: torch.Tensor | None = None) -> torch.Tensor:
-    """Concatenated gradients (into ``out`` when given); a parameter a loss does not reach gets zeros."""
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(grads, params)], out=out)
-
-
-def unflat(vec: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    out, i = [], 0
-    for p in params:
-        out.append(vec[i: i + p.numel()].view_as(p))
-        i += p.numel()
-    return out
-
-
-def rss_mb() -> float:
-    """Peak resident memory of this process in MiB (GPU: max_memory_allocated)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Network:
@@ -121,29 +68,22 @@ class Network:
 
 
 class Step:
-    """Shared machinery of both modes: draws, teacher, losses."""
+    """Shared machinery of both modes: draws, teacher, losses (genrep's, on this rank's rows)."""
 
     def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device):
         self.cfg, self.shard, self.device = cfg, shard, device
         self.alphas_cumprod = make_scheduler().alphas_cumprod.to(device)
         self.num_classes = cfg.model_config().num_classes
 
-    def draws(self, step: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        """(t, ε, dropout mask) for the global batch, sliced to this rank."""
-        g = step_generator(self.cfg.seed, step, "denoise")
-        n = self.shard.local * self.shard.world
-        t = torch.randint(0, len(self.alphas_cumprod), (n,), generator=g)
-        noise = torch.randn((n, *shape), generator=g)
-        drop = torch.rand(n, generator=g) < self.cfg.method.p_uncond
-        return tuple(self.shard.take(v).to(self.device) for v in (t, noise, drop))
-
     def generation_loss(self, model: GenRepModel, x, y, step: int):
-        t, noise, drop = self.draws(step, tuple(x.shape[1:]))
-        c = torch.where(drop, torch.full_like(y, model.null_class), y)
-        return denoising_loss_given(model.eps, x, c, t, noise, self.alphas_cumprod)
+        """genrep's L_gen on this rank's rows of draws made for the global batch."""
+        g = step_generator(self.cfg.seed, step, "denoise")
+        draws = draw_denoising(self.shard.global_batch, tuple(x.shape[1:]), len(self.alphas_cumprod),
+                               self.cfg.method.p_uncond, g).rows(self.shard.rows, self.device)
+        return generation_loss(model.eps, x, y, draws, self.alphas_cumprod, model.null_class)
 
     def teacher_probs(self, teacher: GenRepModel, x, step: int):
-        """q(c|x) for the first ⌈subset·B⌉ images every ``mc.every`` steps, else None.
+        """q(c|x) [n, C] for the first n = ⌈subset·B⌉ images every ``mc.every`` steps, else [0, C].
 
         The draws (t, ε) of every round come from the global-batch generator and each rank takes
         its rows, so a W-worker run draws what a 1-worker run draws, with or without pruning.
@@ -153,7 +93,7 @@ class Step:
         """
         mc, m = self.cfg.method.mc, self.cfg.method
         if m.beta_kd == 0 or step % mc.every:
-            return None, {"mc_evals": 0.0}
+            return x.new_zeros(0, self.num_classes), {"mc_evals": 0.0}
         n = max(1, round(mc.subset * x.shape[0]))
         g = step_generator(self.cfg.seed, step, "mc")
         rows = slice(self.shard.rank * n, (self.shard.rank + 1) * n)
@@ -167,31 +107,15 @@ class Step:
                            tau_mc=mc.tau, chunk_size=mc.chunk_size, draw=draw,
                            prune_k=mc.prune_k if prune else None,
                            prune_keep=mc.prune_keep if prune else None)
-        probs, stderr, evals = res.probs, res.stderr, res.evals
-        finite = stderr[torch.isfinite(stderr)]
-        return probs, {"mc_evals": float(evals),
-                       "mc_stderr": float(finite.mean()) if finite.numel() else 0.0}
+        finite = res.stderr[torch.isfinite(res.stderr)]
+        return res.probs, {"mc_evals": float(res.evals),
+                           "mc_stderr": float(finite.mean()) if finite.numel() else 0.0}
 
     def perception_loss(self, model: GenRepModel, x, y, q):
-        """L_perc = [L_ce] + β·(1/B) Σ_{i scored} L_kd,i: the distillation term on the n images the
-        teacher scored, averaged over the whole batch B.
-
-        So a scored image's target weighs what its label does, whatever the share of the batch
-        the teacher scores (``mc.subset``). Averaged over the n alone, each scored image weighed
-        B/n times its label: at subset 1/8 the fine-tuned head lost 2.1 points against no teacher
-        while the whole-batch teacher lost none (docs/performance.md, P3acc).
-        """
-        m, logits = self.cfg.method, model.logits(x)
-        loss, metrics = logits.new_zeros(()), {}
-        if m.use_ce:
-            ce, mce = cross_entropy(logits, y)
-            loss, metrics = loss + ce, {**metrics, **mce}
-        if q is not None:
-            n = q.shape[0]
-            kd, mkd = distillation_loss(logits[:n], q, m.tau_kd)  # loss_kd: mean over the scored
-            loss, metrics = loss + m.beta_kd * (n / x.shape[0]) * kd, {**metrics, **mkd}
-        metrics["acc"] = (logits.argmax(-1) == y).float().mean()
-        return loss, {**metrics, "loss_perc": loss.detach()}
+        """genrep's L_perc = [L_ce] + β·τ²·(1/B) Σ_{i scored} KL_i on the head's logits of x (q has
+        0 rows on a step without teacher: the term is then 0)."""
+        m = self.cfg.method
+        return perception_loss(model.logits(x), y, q, beta=m.beta_kd, tau=m.tau_kd, use_ce=m.use_ce)
 
 
 MODES: Registry[type] = Registry("training mode")
@@ -224,8 +148,8 @@ class JointStep(Step):
         if self.buffer is None:
             d = sum(p.numel() for p in self.shared)
             self.buffer = torch.empty(2, d, dtype=self.shared[0].dtype, device=self.device)
-        flat(g_p, self.shared, out=self.buffer[0])
-        flat(g_g, self.shared, out=self.buffer[1])
+        parallel.flat(g_p, self.shared, out=self.buffer[0])
+        parallel.flat(g_g, self.shared, out=self.buffer[1])
         return self.buffer
 
     def __call__(self, x, y, step: int) -> dict[str, Any]:
@@ -237,9 +161,10 @@ class JointStep(Step):
         if self.strategy.needs_task_grads:
             tel = self.aligned_backward(loss_p, loss_g)
         else:
-            engine.backward(loss_p + loss_g)
+            w_p, w_g = self.strategy.loss_weights(**self.cfg.strategy.options)
+            parallel.backward(engine, w_p * loss_p + w_g * loss_g)
             tel = {}
-        engine.step()
+        parallel.optimizer_step(engine)
         self.net.update_ema()
         return {**mq, **mp, **mg, **tel}
 
@@ -249,74 +174,34 @@ class JointStep(Step):
         Every rule is per-segment weights w from the Gram matrix of the *global* (averaged) task
         gradients, so each rank combines its *local* gradients with the global weights,
         c_r = w_p·g_p,r + w_g·g_g,r, and the engine's own averaging of c_r gives exactly
-        w_p·ḡ_p + w_g·ḡ_g. Only the Gram matrix needs the global gradients (``global_gram``).
+        w_p·ḡ_p + w_g·ḡ_g. Only the Gram matrix needs the global gradients.
         """
         params, n = self.shared + self.head, len(self.shared)
         g_p = torch.autograd.grad(loss_p, params, allow_unused=True)
         g_g = torch.autograd.grad(loss_g, self.shared, allow_unused=True)
         local = self.task_grads(g_p[:n], g_g)
-        gram = global_gram(local, self.segments)
+        gram = parallel.global_gram(local, self.segments)
         w, tel = strategies.weights(self.strategy.name, gram, state=self.state,
                                     **self.cfg.strategy.options)
         self.state = tel.pop("state", self.state)
-        combined = combine_in_place(local, w, self.segments)
-        head = [g if g is not None else torch.zeros_like(p) for g, p in zip(g_p[n:], self.head)]
-        ds.backward_combined(self.net.engine, params, unflat(combined, self.shared) + head)
-        return telemetry(gram, tel)
-
-
-def combine_in_place(local: torch.Tensor, w: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-    """w_p·g_p + w_g·g_g, written over local[0] for whole-vector weights (no D-sized temporary;
-    see ``JointStep.task_grads``); per-tensor weights go through ``strategies.apply_weights``."""
-    if segments is not None:
-        return strategies.apply_weights(local, w, segments)
-    w_p, w_g = w.reshape(-1, 2)[0].tolist()
-    return local[0].mul_(w_p).add_(local[1], alpha=w_g)
-
-
-def global_gram(local: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-    """Gram matrices [S, 2, 2] of the rank-averaged task gradients ḡ = (1/W) Σ_r g_r.
-
-    Reduce-scatter gives each rank a 1/W slice of ḡ_p and ḡ_g (2·D·(W−1)/W floats sent per
-    rank, half an all-reduce of the pair); the Gram matrix is a sum over coordinates, so the
-    slices' partial Grams add up to the full one with an all-reduce of 4·S floats. Measured
-    (perf P2dp, docs/performance.md): exactly 2·⌈D/W⌉·W + 4·S floats handed to collectives per
-    step; on gloo the pair's reduce-scatter took 14.7 ms where an all-reduce of it took 9.3 ms.
-    """
-    num = 1 if segments is None else int(segments[-1]) + 1
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return strategies.gram_matrix(local, segments, num_segments=num)
-    world, rank, d = dist.get_world_size(), dist.get_rank(), local.shape[1]
-    m = -(-d // world)  # slice length; the padding is zeros and adds nothing to the Gram
-    padded = torch.nn.functional.pad(local, (0, m * world - d))
-    mine = torch.empty(2, m, dtype=local.dtype, device=local.device)
-    for task in range(2):
-        dist.reduce_scatter_tensor(mine[task], padded[task].contiguous())
-    mine /= world
-    seg = None
-    if segments is not None:
-        seg = torch.nn.functional.pad(segments, (0, m * world - d))[rank * m: (rank + 1) * m]
-    gram = strategies.gram_matrix(mine, seg, num_segments=num)
-    dist.all_reduce(gram)
-    return gram
-
-
-def telemetry(gram: torch.Tensor, tel: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Whole-vector cos and norms (the segments' Grams summed), strategy values averaged."""
-    g = gram.sum(0)
-    n_p, n_g = g[0, 0].clamp_min(0).sqrt(), g[1, 1].clamp_min(0).sqrt()
-    cos = g[0, 1] / (n_p * n_g).clamp_min(1e-30)
-    out = {"cos": float(cos), "norm_p": float(n_p), "norm_g": float(n_g),
-           "norm_ratio": float(n_p / n_g.clamp_min(1e-30))}
-    for key in ("conflict", "damping", "w_p", "w_g"):
-        if key in tel and torch.is_tensor(tel[key]):
-            out[key] = float(tel[key].float().mean())
-    return out
+        task_weights = self.strategy.loss_weights(**self.cfg.strategy.options)
+        summary = summarize(gram, w, tel, task_weights)  # before apply_weights overwrites g_p
+        combined = strategies.apply_weights(local, w, self.segments, in_place=True)
+        # the heads take their own task's gradient, unaligned but task-weighted as in sum's w_p·L_p
+        head = [task_weights[0] * g if g is not None else torch.zeros_like(p)
+                for g, p in zip(g_p[n:], self.head)]
+        parallel.backward_combined(self.net.engine, params, parallel.unflat(combined, self.shared) + head)
+        return summary
 
 
 @MODES.register("separate")
 class SeparateStep(Step):
-    """Two networks: perception-only and generation-only; the teacher is the generation network."""
+    """Two networks: perception-only and generation-only; the teacher is the generation network.
+
+    Task weights mean little here: nothing is shared, so they only scale each network's loss, and
+    Adam's per-coordinate normalisation undoes a constant scale almost entirely (only ε and the
+    weight decay's relative size change). They are applied all the same, for a like-for-like arm.
+    """
 
     def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device):
         super().__init__(cfg, shard, device)
@@ -331,23 +216,13 @@ class SeparateStep(Step):
         loss_p, mp = self.perception_loss(self.perc.model, x, y, q)
         loss_g, mg = self.generation_loss(self.gen.model, x, y, step)
         check_finite(step, loss_perc=loss_p, loss_gen=loss_g)
-        self.perc.engine.backward(loss_p)
-        self.perc.engine.step()
-        self.gen.engine.backward(loss_g)
-        self.gen.engine.step()
+        w_p, w_g = self.cfg.strategy.options.get("task_weights", (1.0, 1.0))
+        for net, loss in ((self.perc, w_p * loss_p), (self.gen, w_g * loss_g)):
+            parallel.backward(net.engine, loss)
+            parallel.optimizer_step(net.engine)
         self.gen.update_ema()
         return {**mq, **mp, **mg}
 
 
-def mode_for(strategy: str) -> str:
-    return "separate" if strategy == "separate" else "joint"
-
-
 def make_step(cfg: TrialConfig, shard: Shard, device: torch.device) -> Step:
-    return MODES.get(mode_for(cfg.strategy.name))(cfg, shard, device)
-
-
-def timed(fn, *args) -> tuple[dict[str, Any], float]:
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
+    return MODES.get(mode_of(cfg.strategy.name))(cfg, shard, device)

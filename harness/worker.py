@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 
 from harness.config import TrialConfig, trial_from_dict
 from harness.data import make_loader
-from harness.step import Shard, make_step, rss_mb
+from harness import parallel
+from harness.parallel import Shard
+from harness.step import make_step
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,17 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     final = evaluate(step_fn, cfg, config["urls"], shard, device)
     final = {**final, **timed.means(), "step": cfg.train.steps, "split": cfg.eval.split, "done": True}
     report(final, step_fn, loader, cfg.train.steps, checkpoint=False)
-    if dist.is_initialized():
-        dist.barrier()
+    parallel.barrier()
     return final
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process in MiB (GPU: max_memory_allocated)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def due_evaluation(cfg: TrialConfig, step: int) -> bool:
@@ -128,13 +137,9 @@ def report(metrics: dict[str, Any], step_fn, loader, step: int, checkpoint: bool
 
 
 def save_checkpoint(path: Path, step_fn, loader, step: int) -> None:
-    """DeepSpeed engine checkpoints (collective: every rank writes its partition) + loop state."""
-    for name, net in step_fn.networks().items():
-        net.engine.save_checkpoint(str(path / name), tag="state")
-        if net.ema is not None and dist.get_rank() == 0:
-            torch.save(net.ema.state_dict(), path / f"{name}-ema.pt")
+    """Every engine, EMA copy and the loop's state (step, loader position, strategy state)."""
     state = {"step": step, "loader": loader.state_dict(), "strategy_state": getattr(step_fn, "state", None)}
-    torch.save(state, path / f"loop-rank{dist.get_rank() if dist.is_initialized() else 0}.pt")
+    parallel.save_checkpoint(path, step_fn.networks(), state)
 
 
 def restore(step_fn, loader) -> int:
@@ -146,18 +151,13 @@ def restore(step_fn, loader) -> int:
         return 0
     with ckpt.as_directory() as path:
         step = load_checkpoint(Path(path), step_fn, loader)
-    log.warning("rank %d resumed from step %d", dist.get_rank() if dist.is_initialized() else 0, step)
+    log.warning("rank %d resumed from step %d", parallel.rank(), step)
     return step
 
 
 def load_checkpoint(path: Path, step_fn, loader) -> int:
-    """The inverse of :func:`save_checkpoint`: engines, EMA copies, loader position, strategy state."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    for name, net in step_fn.networks().items():
-        net.engine.load_checkpoint(str(path / name), tag="state")
-        if net.ema is not None:
-            net.ema.load_state_dict(torch.load(path / f"{name}-ema.pt"))
-    state = torch.load(path / f"loop-rank{rank}.pt", weights_only=False)
+    """The inverse of :func:`save_checkpoint`; returns the first step to run."""
+    state = parallel.load_checkpoint(path, step_fn.networks())
     loader.load_state_dict(state["loader"])
     if hasattr(step_fn, "state"):
         step_fn.state = state["strategy_state"]

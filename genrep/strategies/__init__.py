@@ -63,10 +63,19 @@ def gram_matrix(grads: torch.Tensor, segments: torch.Tensor | None = None,
     return sums[:, [0, 1, 1, 2]].reshape(S, 2, 2)
 
 
-def apply_weights(grads: torch.Tensor, w: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-    """g_i = w[seg(i), 0]·g_p,i + w[seg(i), 1]·g_g,i for grads [2, D] and w [S, 2]."""
+def apply_weights(grads: torch.Tensor, w: torch.Tensor, segments: torch.Tensor | None = None,
+                  in_place: bool = False) -> torch.Tensor:
+    """g_i = w[seg(i), 0]·g_p,i + w[seg(i), 1]·g_g,i for grads [2, D] and w [S, 2].
+
+    ``in_place`` with whole-vector weights writes the result over grads[0]: no D-sized temporary
+    (a fresh D-sized tensor costs as much CPU in first-touch page faults as the arithmetic:
+    docs/performance.md, P2).
+    """
     _check_grads(grads)
     w = w.reshape(-1, 2)
+    if in_place and segments is None:
+        w_p, w_g = w[0].tolist()
+        return grads[0].mul_(w_p).add_(grads[1], alpha=w_g)
     w_i = w[segments].T if segments is not None else w[0][:, None]  # [2, D] or [2, 1]
     return w_i[0] * grads[0] + w_i[1] * grads[1]
 

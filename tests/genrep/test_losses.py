@@ -82,3 +82,54 @@ def test_perception_loss_combinations():
         perception_loss(z, y, use_ce=False)
     with pytest.raises(ValueError):
         perception_loss(z, y, beta=1.0)
+
+
+def test_draws_for_a_global_batch_sliced_equal_a_rank_drawing_alone():
+    """Rows [4:8) of the global draws are what rank 1 of 2 uses: same t, ε and dropout as the
+    one-process run on the concatenated batch (the data-parallel exactness rests on this)."""
+    from genrep.diffusion import draw_denoising
+
+    whole = draw_denoising(8, (1, 2, 2), 100, 0.5, torch.Generator().manual_seed(3))
+    again = draw_denoising(8, (1, 2, 2), 100, 0.5, torch.Generator().manual_seed(3)).rows(slice(4, 8))
+    assert torch.equal(whole.t[4:], again.t) and torch.equal(whole.noise[4:], again.noise)
+    assert torch.equal(whole.drop[4:], again.drop)
+    assert whole.t.dtype == torch.long and whole.drop.dtype == torch.bool
+
+
+def test_generation_loss_uses_the_null_label_where_dropped():
+    from genrep.diffusion import DenoisingDraws
+    from genrep.losses import generation_loss
+
+    seen = {}
+
+    def eps_fn(x_t, t, c):
+        seen["c"] = c
+        return torch.zeros_like(x_t)
+
+    draws = DenoisingDraws(torch.tensor([1, 2]), torch.ones(2, 1, 2, 2), torch.tensor([True, False]))
+    loss, _ = generation_loss(eps_fn, torch.zeros(2, 1, 2, 2), torch.tensor([4, 5]), draws,
+                              make_scheduler(num_train_timesteps=10).alphas_cumprod, null_class=9)
+    assert seen["c"].tolist() == [9, 5]
+    assert loss.item() == pytest.approx(1.0)  # ε = 1 everywhere, prediction 0
+
+
+def test_distillation_over_part_of_the_batch_is_averaged_over_the_whole_batch():
+    """L = L_ce + β·τ²·(KL_0 + KL_1)/B for a teacher that scored the first 2 of B = 4 images."""
+    z, y = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+    q = torch.softmax(torch.randn(2, 3, generator=torch.Generator().manual_seed(2)), -1)
+    tau, beta = 2.0, 0.5
+    log_p = torch.log_softmax(z[:2] / tau, -1)
+    kl = (q * (q.log() - log_p)).sum(-1)
+    ce, _ = cross_entropy(z, y)
+    loss, m = perception_loss(z, y, q, beta=beta, tau=tau)
+    assert loss.item() == pytest.approx((ce + beta * tau**2 * kl.sum() / 4).item(), rel=1e-6)
+    assert m["loss_kd"].item() == pytest.approx((tau**2 * kl.mean()).item(), rel=1e-6)
+
+
+def test_no_teacher_rows_gives_no_distillation_but_a_differentiable_loss():
+    z = torch.randn(3, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 2])
+    loss, m = perception_loss(z, y, torch.zeros(0, 4), beta=1.0, use_ce=False)
+    assert loss.item() == 0.0 and "loss_kd" not in m
+    (g,) = torch.autograd.grad(loss, z)
+    assert (g == 0).all()
