@@ -1,0 +1,285 @@
+"""The reverse-chain MCMC estimator (issue 20): hand-computed values on a denoiser whose answer is
+known, exactly which states burn-in and thinning keep, batched == per-class loop, W = 2 == W = 1."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from genrep.diffusion import make_scheduler
+from genrep.reverse_chain import (batch_means_stderr, chain_timesteps, ddim_step, draw_chain_noise,
+                                  kept_indices, log_mean_exp, reverse_chain_posterior)
+
+T = 100
+AC = make_scheduler(num_train_timesteps=T).alphas_cumprod
+AC64 = AC.double()
+C, SHAPE = 3, (1, 3, 3)
+D = 9
+TEMPLATES = torch.tensor([[1.0, 0.0, -1.0, 0.5, 0.0, 0.2, -0.3, 0.8, 0.1],
+                          [-0.5, 1.0, 0.3, -1.0, 0.4, 0.0, 0.6, -0.2, 0.9],
+                          [0.2, -0.8, 0.7, 0.1, -0.6, 1.0, 0.0, 0.3, -0.9]]).view(C, *SHAPE)
+# the null label ∅ = C predicts the mean template
+TEMPLATES_NULL = torch.cat([TEMPLATES, TEMPLATES.mean(0, keepdim=True)]).double()
+
+
+def template_eps_fn(x_t, t, c):
+    """ε̂ consistent with x̂0 = template[c] (∅: the mean template): ε̂ = (x_t − √ᾱ_t·tmpl)/√(1−ᾱ_t).
+    In float64, so x̂0 comes back as the template to ~1e-15."""
+    a = AC64[t].view(-1, 1, 1, 1)
+    return (x_t.double() - a.sqrt() * TEMPLATES_NULL[c]) / (1 - a).sqrt()
+
+
+def random_eps_fn(x_t, t, c):
+    """A nonlinear stand-in network depending on x_t, t and c: the template denoiser plus a
+    tanh perturbation (a sane ε scale keeps the chain bounded, so the classes' errors differ)."""
+    scale = (1.0 + 0.1 * c.float() + t.float() / T).view(-1, 1, 1, 1)
+    wobble = 0.3 * torch.tanh(scale * x_t + 0.3 * c.float().view(-1, 1, 1, 1))
+    return template_eps_fn(x_t, t, c).float() + wobble
+
+
+class Spy:
+    """Records every (t, label) row the estimator sends through the network."""
+
+    def __init__(self, fn=template_eps_fn):
+        self.fn, self.calls, self.max_rows = fn, [], 0
+
+    def __call__(self, x_t, t, c):
+        self.calls += list(zip(t.tolist(), c.tolist()))
+        self.max_rows = max(self.max_rows, x_t.shape[0])
+        return self.fn(x_t, t, c)
+
+
+def sigma2(t):
+    """σ_t² = (1−ᾱ_t)/ᾱ_t, written out."""
+    a = AC64[t].item()
+    return (1 - a) / a
+
+
+def log_normal(x0, mu, var):
+    """log N(x0; μ, var·I), written out."""
+    return (-(x0 - mu).pow(2).sum() / (2 * var) - D / 2 * math.log(2 * math.pi * var)).item()
+
+
+def reference_errors(eps_fn, x0, noise, steps, burn_in, thin, eta=1.0):
+    """−log p̂(x|y) by the definition: one loop per image over the chain, then per class and
+    per kept state (chain in float32 like the estimator; the density in float64)."""
+    ts = [round((T - 1) * (1 - i / (steps - 1))) if steps > 1 else T - 1 for i in range(steps)]
+    keep = [i for i in range(steps) if i >= burn_in and (i - burn_in) % thin == 0]
+    out = torch.zeros(x0.shape[0], C, dtype=torch.float64)
+    null = torch.tensor([C])
+    for b in range(x0.shape[0]):
+        a0 = AC64[ts[0]].item()
+        x = (math.sqrt(a0) * x0[b:b + 1] + math.sqrt(1 - a0) * noise[b:b + 1, 0]).float()
+        states = {0: x}
+        for i in range(steps - 1):
+            a_t, a_s = AC64[ts[i]].item(), AC64[ts[i + 1]].item()
+            eps = eps_fn(x, torch.tensor([ts[i]]), null).float()
+            x0_hat = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+            sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+            x = (math.sqrt(a_s) * x0_hat + math.sqrt(max(1 - a_s - sigma**2, 0.0)) * eps
+                 + sigma * noise[b:b + 1, i + 1])
+            states[i + 1] = x
+        for c in range(C):
+            logs = []
+            for i in keep:
+                a = AC64[ts[i]].item()
+                eps = eps_fn(states[i], torch.tensor([ts[i]]), torch.tensor([c])).double()
+                mu = (states[i].double() - math.sqrt(1 - a) * eps) / math.sqrt(a)
+                logs.append(log_normal(x0[b].double(), mu[0], (1 - a) / a))
+            out[b, c] = -(torch.logsumexp(torch.tensor(logs, dtype=torch.float64), 0) - math.log(len(keep)))
+    return out
+
+
+def images(labels, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    return TEMPLATES[labels] + scale * torch.randn(len(labels), *SHAPE, generator=g)
+
+
+def run(eps_fn, x0, seed=1, **kw):
+    kw = {"steps": 10, "burn_in": 3, "thin": 2, **kw}
+    return reverse_chain_posterior(eps_fn, x0, C, AC, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_timesteps_and_kept_indices():
+    assert chain_timesteps(10, T).tolist() == [99, 88, 77, 66, 55, 44, 33, 22, 11, 0]
+    assert chain_timesteps(1, T).tolist() == [99]
+    for steps, t_max in [(T, T), (200, 1000), (37, 1000)]:
+        ts = chain_timesteps(steps, t_max)
+        assert ts[0] == t_max - 1 and ts[-1] == 0 and (ts.diff() < 0).all()
+    assert kept_indices(10, 3, 2) == [3, 5, 7, 9]
+    assert kept_indices(10, 3, 4) == [3, 7]
+    assert kept_indices(200, 50, 2) == list(range(50, 200, 2))  # the paper's m = 50, k = 2: 75 states
+
+
+@pytest.mark.parametrize("burn_in, thin, kept_t, chain_t", [
+    (3, 2, [66, 44, 22, 0], [99, 88, 77, 66, 55, 44, 33, 22, 11]),
+    (3, 4, [66, 22], [99, 88, 77, 66, 55, 44, 33]),  # the chain stops at its last kept state
+    (0, 1, [99, 88, 77, 66, 55, 44, 33, 22, 11, 0], [99, 88, 77, 66, 55, 44, 33, 22, 11]),
+])
+def test_burn_in_and_thinning_keep_exactly_those_states_and_evals_count_every_forward(
+        burn_in, thin, kept_t, chain_t):
+    spy, batch = Spy(), 2
+    res = run(spy, images([0, 1]), burn_in=burn_in, thin=thin, chunk_size=5)
+    expected = Counter({(t, C): batch for t in chain_t})  # the chain: null label only
+    expected.update({(t, c): batch for t in kept_t for c in range(C)})
+    assert Counter(spy.calls) == expected
+    assert res.evals == len(spy.calls) == batch * (len(chain_t) + len(kept_t) * C)
+    assert spy.max_rows <= 5
+
+
+def test_template_denoiser_ranks_the_true_class_first_and_matches_the_formula():
+    labels = torch.tensor([2, 0, 1])
+    x0 = images(labels)
+    res = run(template_eps_fn, x0, tau_mc=50.0)
+    assert torch.equal(res.pred, labels)
+    # x̂0 = template[c] at every state, so log N only depends on the kept timesteps 66, 44, 22, 0
+    expected = torch.zeros(3, C, dtype=torch.float64)
+    for b in range(3):
+        for c in range(C):
+            logs = [log_normal(x0[b].double(), TEMPLATES[c].double(), sigma2(t)) for t in (66, 44, 22, 0)]
+            expected[b, c] = -(torch.logsumexp(torch.tensor(logs, dtype=torch.float64), 0) - math.log(4))
+    torch.testing.assert_close(res.errors, expected, rtol=1e-9, atol=1e-6)
+    torch.testing.assert_close(res.probs, torch.softmax(-expected / 50.0, 1).float())
+    assert torch.equal(res.kept, torch.arange(C).expand(3, -1))
+
+
+def test_log_mean_exp_is_the_max_state_and_the_chain_end_for_a_good_prediction():
+    """Within log n of the best kept state; the smallest σ_t (t = 0) is that state when the
+    per-pixel residual is below σ_0², an earlier larger-σ one for a poor (wrong-class) prediction."""
+    x0 = images(torch.tensor([1]), scale=1e-3)  # residual per pixel ~1e-6 < σ_0² ≈ 6e-4
+    res = run(template_eps_fn, x0)
+    per_state = torch.tensor([[log_normal(x0[0].double(), TEMPLATES[c].double(), sigma2(t))
+                               for t in (66, 44, 22, 0)] for c in range(C)], dtype=torch.float64)
+    best = per_state.max(1).values
+    assert ((-res.errors[0] <= best + 1e-9) & (-res.errors[0] >= best - math.log(4) - 1e-9)).all()
+    assert abs(res.errors[0, 1].item() - (-per_state[1, 3].item() + math.log(4))) < 1e-6  # the end
+    assert per_state[0].argmax() != 3 and per_state[2].argmax() != 3  # wrong classes: earlier states
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 7, 1000])
+def test_batched_equals_per_class_reference_loop(chunk_size):
+    g = torch.Generator().manual_seed(2)
+    x0 = images(torch.tensor([0, 2]), seed=2, scale=0.3)
+    noise = draw_chain_noise(10, 2, SHAPE, g)  # kept 2, 4, 6, 8: n = 4, two stderr blocks
+    res = reverse_chain_posterior(random_eps_fn, x0, C, AC, steps=10, burn_in=2, thin=2, noise=noise,
+                                  chunk_size=chunk_size)
+    ref = reference_errors(random_eps_fn, x0, noise, 10, 2, 2)
+    assert (ref.max(1).values - ref.min(1).values > 1.0).all()  # the classes really differ
+    torch.testing.assert_close(res.errors, ref, rtol=1e-5, atol=1e-4)
+    assert torch.isfinite(res.stderr).all() and (res.stderr > 0).all()
+    big = reverse_chain_posterior(random_eps_fn, x0, C, AC, steps=10, burn_in=2, thin=2, noise=noise,
+                                  chunk_size=10_000)
+    torch.testing.assert_close(res.errors, big.errors, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(res.stderr, big.stderr, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+def test_eta_zero_reference_and_noise_independence():
+    g = torch.Generator().manual_seed(3)
+    x0 = images(torch.tensor([1, 2]), seed=3, scale=0.3)
+    noise = draw_chain_noise(6, 2, SHAPE, g)
+    res = reverse_chain_posterior(random_eps_fn, x0, C, AC, steps=6, burn_in=1, thin=1, eta=0.0, noise=noise)
+    torch.testing.assert_close(res.errors, reference_errors(random_eps_fn, x0, noise, 6, 1, 1, eta=0.0),
+                               rtol=1e-5, atol=1e-4)
+    other = noise.clone()
+    other[:, 1:] = torch.randn(other[:, 1:].shape, generator=g)  # η = 0: only the start noise counts
+    same = reverse_chain_posterior(random_eps_fn, x0, C, AC, steps=6, burn_in=1, thin=1, eta=0.0, noise=other)
+    torch.testing.assert_close(same.errors, res.errors, rtol=0, atol=0)
+
+
+def test_ddim_step_matches_diffusers():
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    sched.set_timesteps(10)  # leading spacing: 90, 80, …; the step at 50 goes to 40
+    g = torch.Generator().manual_seed(4)
+    x, eps, z = (torch.randn(2, *SHAPE, generator=g) for _ in range(3))
+    for eta in (0.0, 1.0, 0.5):
+        ours = ddim_step(x, eps, AC64[50].item(), AC64[40].item(), eta, z)
+        theirs = sched.step(eps, 50, x, eta=eta, variance_noise=z).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_a_global_noise_draw_equal_the_whole_batch():
+    """W = 2 == W = 1: each rank runs its images with its rows of the global draw."""
+    x0 = images(torch.tensor([0, 1, 2, 1]), seed=5, scale=0.3)
+    noise = draw_chain_noise(10, 4, SHAPE, torch.Generator().manual_seed(6))
+    kw = dict(steps=10, burn_in=3, thin=2, tau_mc=20.0)
+    whole = reverse_chain_posterior(random_eps_fn, x0, C, AC, noise=noise, **kw)
+    halves = [reverse_chain_posterior(random_eps_fn, x0[s], C, AC, noise=noise[s], **kw)
+              for s in (slice(0, 2), slice(2, 4))]
+    for field in ("errors", "probs", "pred"):
+        torch.testing.assert_close(torch.cat([getattr(h, field) for h in halves]), getattr(whole, field),
+                                   rtol=1e-6, atol=1e-6)
+    assert sum(h.evals for h in halves) == whole.evals
+    gen = torch.Generator().manual_seed(6)
+    drawn = reverse_chain_posterior(random_eps_fn, x0, C, AC, generator=gen, **kw)
+    torch.testing.assert_close(drawn.errors, whole.errors, rtol=0, atol=0)  # generator = its own draw
+
+
+def test_prior_shifts_the_posterior_by_log_prior():
+    x0 = 0.55 * TEMPLATES[0:1] + 0.45 * TEMPLATES[1:2]  # nearer class 0
+    uniform = run(template_eps_fn, x0, tau_mc=100.0)
+    delta = (uniform.errors[0, 1] - uniform.errors[0, 0]).item() / 100.0
+    assert uniform.pred.item() == 0 and delta > 0
+    prior = torch.tensor([1.0, 10 * math.exp(delta), 1.0])  # counts; normalised by the estimator
+    shifted = run(template_eps_fn, x0, tau_mc=100.0, prior=prior)
+    torch.testing.assert_close(shifted.errors, uniform.errors, rtol=0, atol=0)
+    logits = -uniform.errors / 100.0 + (prior / prior.sum()).log().double()
+    torch.testing.assert_close(shifted.probs, torch.softmax(logits, 1).float())
+    assert shifted.pred.item() == 1
+
+
+def test_batch_means_stderr_by_hand_and_nan_for_one_block():
+    ll = torch.tensor([[[0.0, 1.0, -2.0, 3.0]]], dtype=torch.float64)
+    l1, l2 = log_mean_exp(ll[..., :2]), log_mean_exp(ll[..., 2:])  # b = ⌊√4⌋ = 2 blocks
+    torch.testing.assert_close(batch_means_stderr(ll), (l1 - l2).abs() / 2)
+    five = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)  # blocks of 3 and 2
+    blocks = torch.stack([log_mean_exp(five[:3]), log_mean_exp(five[3:])])
+    torch.testing.assert_close(batch_means_stderr(five), blocks.std() / math.sqrt(2))
+    assert torch.isnan(batch_means_stderr(ll[..., :3])).all()
+    res = run(template_eps_fn, images(torch.tensor([0])), burn_in=7, thin=1)  # n = 3 kept states
+    assert torch.isnan(res.stderr).all()
+    assert torch.isfinite(run(template_eps_fn, images(torch.tensor([0]))).stderr).all()  # n = 4
+
+
+def test_log_mean_exp_is_stable():
+    a = torch.tensor([-1e5, -1e5 + math.log(3.0)], dtype=torch.float64)
+    assert abs(log_mean_exp(a).item() - (-1e5 + math.log(2.0))) < 1e-9
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(steps=0), "steps"),
+    (dict(steps=T + 1, burn_in=0), r"steps must be in \[1, T"),
+    (dict(burn_in=10), "burn_in"),
+    (dict(burn_in=-1), "burn_in"),
+    (dict(thin=0), "thin"),
+    (dict(tau_mc=0.0), "tau_mc"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(noise=torch.zeros(1, 9, *SHAPE)), "noise must be"),
+    (dict(prior=torch.tensor([1.0, -1.0, 1.0])), "prior"),
+    (dict(prior=torch.ones(4)), "prior"),
+])
+def test_argument_validation(kw, match):
+    x0 = images(torch.tensor([0]))
+    kw = {"steps": 10, "burn_in": 3, "thin": 2, **kw}
+    with pytest.raises(ValueError, match=match):
+        reverse_chain_posterior(template_eps_fn, x0, C, AC, **kw)
+
+
+def test_tiny_unet_through_reverse_chain_posterior():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, norm_num_groups=4, num_class_embeds=C + 1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    eps_fn = lambda x, t, c: unet(x, t, class_labels=c).sample  # noqa: E731
+    x0 = torch.randn(2, 1, 8, 8)
+    res = reverse_chain_posterior(eps_fn, x0, C, AC, steps=6, burn_in=2, thin=1, chunk_size=5,
+                                  generator=torch.Generator().manual_seed(0))
+    assert res.probs.shape == (2, C) and res.evals == 2 * (5 + 4 * C)
+    assert torch.allclose(res.probs.sum(-1), torch.ones(2), atol=1e-6)
+    assert torch.isfinite(res.errors).all() and torch.isfinite(res.stderr).all() and res.pred.shape == (2,)
