@@ -4,7 +4,11 @@ The same weights serve both tasks (DESIGN.md, "The method"):
 - generation: ``eps(x_t, t, c)`` is ε_θ(x_t, t, c), with c = ``null_class`` the unconditional case
   (label dropout), which also makes classifier-free guidance possible;
 - perception: ``logits(x)`` pools the backbone's own bottleneck features of the input at a fixed
-  small timestep t_p with the null label, and a linear or MLP head maps them to class logits.
+  small timestep t_p with the null label, and a linear or MLP head maps them to class logits;
+- dense perception (``seg_head=True``): ``seg_logits(x)`` reads the outputs of the denoiser's
+  decoder blocks (same t_p, same ∅) and a small task decoder (``SegHead``) turns them into
+  per-pixel logits at input resolution: class 0 is background, class c + 1 is shape class c.
+  ``perceive(x)`` feeds both heads from one backbone pass.
 
 Backbones are registered by name (``unet``, ``dit``); presets give the sizes for the 16×16
 digits default and for 32×32 / 64×64 RGB data.
@@ -15,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from genrep.registry import Registry
@@ -39,6 +44,13 @@ class ModelConfig:
     head: str = "linear"  # linear | mlp
     head_hidden: int = 128
     t_perception: int = 10  # t_p: the fixed small timestep at which features are read
+    seg_head: bool = False  # a segmentation head on the decoder blocks' outputs (issue 22)
+    seg_hidden: int = 32  # channels of the segmentation decoder
+
+    @property
+    def seg_classes(self) -> int:
+        """Per-pixel classes: background (0) and one per image class (c + 1)."""
+        return self.num_classes + 1
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -63,11 +75,17 @@ class Backbone(nn.Module):
     """What the GenRep model needs from a diffusion network."""
 
     feature_dim: int
+    dense_channels: tuple[int, ...]  # channels of each level ``features_and_dense`` returns
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def features(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def features_and_dense(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
+                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(``features(x, t, labels)``, the dense levels [B, C_i, h_i, w_i]) from one pass."""
         raise NotImplementedError
 
 
@@ -93,18 +111,47 @@ class UNetBackbone(Backbone):
             down_block_types=tuple(down), up_block_types=tuple(up),
             norm_num_groups=cfg.norm_num_groups, num_class_embeds=cfg.num_classes + 1)
         self.feature_dim = cfg.block_out_channels[-1]
+        # up block i ends at reversed(block_out_channels)[i] channels (diffusers UNet2DModel)
+        self.dense_channels = tuple(reversed(cfg.block_out_channels))
 
     def eps(self, x_t, t, labels):
         return self.unet(x_t, t, class_labels=labels).sample
 
+    def _embedding(self, t, labels, dtype):
+        u = self.unet
+        return u.time_embedding(u.time_proj(t).to(dtype)) + u.class_embedding(labels)
+
+    def _encode(self, x, emb):
+        """conv_in, down blocks, mid block → (mid output, the skip activations the up blocks take)."""
+        u = self.unet
+        h = u.conv_in(x)
+        skips = (h,)
+        for block in u.down_blocks:
+            h, res = block(hidden_states=h, temb=emb)
+            skips += res
+        return u.mid_block(h, emb), skips
+
     def features(self, x, t, labels):
         """Mean-pooled mid-block activations; runs only the encoder half (conv_in, down, mid)."""
-        u = self.unet
-        emb = u.time_embedding(u.time_proj(t).to(x.dtype)) + u.class_embedding(labels)
-        h = u.conv_in(x)
-        for block in u.down_blocks:
-            h, _ = block(hidden_states=h, temb=emb)
-        return u.mid_block(h, emb).mean(dim=(2, 3))
+        mid, _ = self._encode(x, self._embedding(t, labels, x.dtype))
+        return mid.mean(dim=(2, 3))
+
+    def features_and_dense(self, x, t, labels):
+        """Pooled mid block and every up block's output, coarse to fine, from one pass.
+
+        The up loop is UNet2DModel.forward's: each up block takes the last len(resnets) skip
+        activations, newest first. The output layers (conv_norm_out, conv_out) only ε needs,
+        so they do not run.
+        """
+        emb = self._embedding(t, labels, x.dtype)
+        h, skips = self._encode(x, emb)
+        pooled, levels = h.mean(dim=(2, 3)), []
+        for block in self.unet.up_blocks:
+            n = len(block.resnets)
+            h = block(h, skips[-n:], emb)
+            skips = skips[:-n]
+            levels.append(h)
+        return pooled, levels
 
 
 @BACKBONES.register("dit")
@@ -112,7 +159,8 @@ class DiTBackbone(Backbone):
     """diffusers ``DiTTransformer2DModel`` (Peebles & Xie 2023) with ∅ as an extra class.
 
     Features: the token mean after the middle transformer block. The blocks after it are skipped
-    by running the model's own modules up to there.
+    by running the model's own modules up to there. Dense levels (no decoder here): the tokens
+    after the middle block and after each later one, each unpatchified to its (H/p)×(W/p) grid.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -125,7 +173,10 @@ class DiTBackbone(Backbone):
             sample_size=cfg.image_size, patch_size=cfg.dit_patch,
             num_embeds_ada_norm=cfg.num_classes + 1, norm_num_groups=1)
         self.channels = cfg.channels
+        self.patch = cfg.dit_patch
         self.feature_dim = cfg.dit_heads * cfg.dit_head_dim
+        self.middle = max(1, cfg.dit_depth // 2)  # blocks the pooled features run through
+        self.dense_channels = (self.feature_dim,) * (cfg.dit_depth - self.middle + 1)
 
     def eps(self, x_t, t, labels):
         return self.dit(x_t, timestep=t, class_labels=labels).sample[:, : self.channels]
@@ -133,9 +184,21 @@ class DiTBackbone(Backbone):
     def features(self, x, t, labels):
         d = self.dit
         h = d.pos_embed(x)
-        for block in d.transformer_blocks[: max(1, len(d.transformer_blocks) // 2)]:
+        for block in d.transformer_blocks[: self.middle]:
             h = block(h, timestep=t, class_labels=labels)
         return h.mean(dim=1)
+
+    def features_and_dense(self, x, t, labels):
+        """Token mean after the middle block; tokens [B, N, D] of blocks middle..depth → [B, D, h, w]."""
+        d, (gh, gw) = self.dit, (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
+        h, pooled, levels = d.pos_embed(x), None, []
+        for i, block in enumerate(d.transformer_blocks, start=1):
+            h = block(h, timestep=t, class_labels=labels)
+            if i == self.middle:
+                pooled = h.mean(dim=1)
+            if i >= self.middle:  # PatchEmbed flattens the grid row-major: token = row·w + col
+                levels.append(h.transpose(1, 2).reshape(h.shape[0], h.shape[2], gh, gw))
+        return pooled, levels
 
 
 def make_head(kind: str, dim: int, num_classes: int, hidden: int) -> nn.Module:
@@ -148,8 +211,36 @@ def make_head(kind: str, dim: int, num_classes: int, hidden: int) -> nn.Module:
     raise ValueError(f"unknown head {kind!r}; known: linear, mlp")
 
 
+class SegHead(nn.Module):
+    """Task decoder on multi-scale features (an FPN-style sum; Kirillov et al. 2019, panoptic FPN):
+
+        h = Σ_i up_{H×W}(P_i f_i),   logits = W_2 SiLU(conv3×3(SiLU(GN(h))))
+
+    P_i a 1×1 conv per level (C_i → hidden), up bilinear to the input size (it commutes with P_i,
+    so projecting first is exact and cheaper), GN one-group GroupNorm (the levels' scales differ),
+    W_2 a 1×1 conv to the per-pixel classes.
+    """
+
+    def __init__(self, in_channels: tuple[int, ...], hidden: int, num_out: int):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Conv2d(c, hidden, 1) for c in in_channels)
+        self.norm = nn.GroupNorm(1, hidden)
+        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, num_out, 1)
+
+    def forward(self, levels: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        h = sum(_resize(p(f), size) for p, f in zip(self.proj, levels, strict=True))
+        return self.out(F.silu(self.conv(F.silu(self.norm(h)))))
+
+
+def _resize(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(f.shape[-2:]) == tuple(size):
+        return f
+    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+
+
 class GenRepModel(nn.Module):
-    """Backbone (shared parameters) + perception head (task-specific parameters)."""
+    """Backbone (shared parameters) + perception heads (task-specific parameters)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -158,23 +249,46 @@ class GenRepModel(nn.Module):
         self.null_class = cfg.num_classes
         self.backbone = BACKBONES.get(cfg.backbone)(cfg)
         self.head = make_head(cfg.head, self.backbone.feature_dim, cfg.num_classes, cfg.head_hidden)
+        # built after the other modules and only when on, so seeded inits without it are unchanged
+        self.seg_head = (SegHead(self.backbone.dense_channels, cfg.seg_hidden, cfg.seg_classes)
+                         if cfg.seg_head else None)
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """ε_θ(x_t, t, c); ``labels == null_class`` is the unconditional model."""
         return self.backbone.eps(x_t, t, labels)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """z = head(pool(features(x, t_p, ∅))): the clean input read at the fixed small t_p."""
+    def _perception_condition(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_p, ∅) for every image: perception reads the clean input, unconditionally."""
         n = x.shape[0]
         t = torch.full((n,), self.cfg.t_perception, dtype=torch.long, device=x.device)
         null = torch.full((n,), self.null_class, dtype=torch.long, device=x.device)
-        return self.head(self.backbone.features(x, t, null))
+        return t, null
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """z = head(pool(features(x, t_p, ∅))): the clean input read at the fixed small t_p."""
+        return self.head(self.backbone.features(x, *self._perception_condition(x)))
+
+    def seg_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """S = seg_head(decoder levels(x, t_p, ∅)) ∈ R^{B×(C+1)×H×W}; class 0 is the background."""
+        if self.seg_head is None:
+            raise ValueError("seg_logits needs the segmentation head: ModelConfig(seg_head=True)")
+        return self.perceive(x)["seg_logits"]
+
+    def perceive(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every enabled perception output: ``logits`` [B, C], and ``seg_logits`` [B, C+1, H, W]
+        when the seg head is on, both from one backbone pass (the encoder runs once)."""
+        if self.seg_head is None:
+            return {"logits": self.logits(x)}
+        pooled, levels = self.backbone.features_and_dense(x, *self._perception_condition(x))
+        return {"logits": self.head(pooled), "seg_logits": self.seg_head(levels, tuple(x.shape[-2:]))}
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.parameters() if p.requires_grad]
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.head.parameters() if p.requires_grad]
+        """Task-specific parameters: the classification head, then the seg head when on."""
+        heads = [self.head] + ([self.seg_head] if self.seg_head is not None else [])
+        return [p for h in heads for p in h.parameters() if p.requires_grad]
 
 
 def num_parameters(module: nn.Module) -> int:
@@ -190,5 +304,5 @@ def build_model(cfg: ModelConfig, seed: int | None = None) -> GenRepModel:
     return GenRepModel(cfg)
 
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "GenRepModel", "build_model", "BACKBONES",
-           "num_parameters"]
+__all__ = ["ModelConfig", "PRESETS", "preset", "GenRepModel", "SegHead", "build_model",
+           "BACKBONES", "num_parameters"]

@@ -1,0 +1,99 @@
+"""Dense perception (segmentation): its loss and its metrics. The loss returns (loss, metrics).
+
+Per-pixel classes: K = C + 1, class 0 the background, class c + 1 image class c (the shapes
+source's masks; ``ModelConfig.seg_classes``). Logits S ∈ R^{B×K×H×W}, masks m ∈ {0..K−1}^{B×H×W},
+p = softmax over the K channels of S.
+
+Held-out mIoU and pixel accuracy come from one confusion matrix summed over the whole held-out
+set (``confusion_matrix`` per batch, added up), not from a mean of per-image scores: an image
+where a class is absent says nothing about that class.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pixel_cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """L_ce = −(1/(B·H·W)) Σ_{b,i} log p_{b, m_bi, i}: cross-entropy per pixel, mean over pixels."""
+    return F.cross_entropy(logits.float(), masks)
+
+
+def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """L_dice = 1 − (1/|P|) Σ_{k∈P} (2 Σ_bi p_bki g_bki + ε) / (Σ_bi p_bki + Σ_bi g_bki + ε).
+
+    Multi-class soft Dice (Milletari et al. 2016, arXiv:1606.04797, one term per class as in Sudre
+    et al. 2017, arXiv:1707.03237), g the one-hot mask. Sums run over the whole batch (one Dice per
+    class, not per image). The denominator is linear in p (Milletari squares it; for one-hot g that
+    only changes Σp to Σp²). P = the classes present in the batch's masks (Σ g_k > 0), never empty:
+    a class absent from the target would have Dice ≈ 0 for any p ≠ 0 and add a constant 1/K of
+    loss with a gradient that only pushes its p to zero, which the cross-entropy already does.
+    """
+    p = logits.float().softmax(dim=1)
+    g = F.one_hot(masks, p.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
+    dims = (0, 2, 3)
+    overlap, p_sum, g_sum = (p * g).sum(dims), p.sum(dims), g.sum(dims)
+    dice = (2 * overlap + eps) / (p_sum + g_sum + eps)
+    present = g_sum > 0
+    return 1 - dice[present].mean()
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, dice_weight: float = 0.0,
+                      eps: float = 1e-6):
+    """L_seg = L_ce + λ_dice · L_dice (``pixel_cross_entropy``, ``soft_dice_loss``).
+
+    logits [B, K, H, W], masks Long[B, H, W] with values in [0, K). Metrics: ``loss_seg_ce``,
+    ``loss_dice`` (when λ_dice ≠ 0), ``seg_acc`` (this batch's pixel accuracy), ``loss_seg``.
+    """
+    masks = masks.long()  # packed masks may arrive as uint8
+    ce = pixel_cross_entropy(logits, masks)
+    loss, metrics = ce, {"loss_seg_ce": ce.detach()}
+    if dice_weight != 0.0:
+        dice = soft_dice_loss(logits, masks, eps)
+        loss, metrics = loss + dice_weight * dice, {**metrics, "loss_dice": dice.detach()}
+    metrics["seg_acc"] = (logits.detach().argmax(1) == masks).float().mean()
+    return loss, {**metrics, "loss_seg": loss.detach()}
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """M[i, j] = #{pixels with target i and prediction j} (rows: truth), Long[K, K]; any shapes alike."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    for name, v in (("pred", pred), ("target", target)):
+        if v.numel() and (v.min() < 0 or v.max() >= num_classes):
+            raise ValueError(f"{name} has values outside [0, {num_classes}): "
+                             f"min {int(v.min())}, max {int(v.max())}")
+    counts = torch.bincount(target * num_classes + pred, minlength=num_classes**2)
+    return counts.reshape(num_classes, num_classes)
+
+
+def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
+    """IoU_k = M_kk / (Σ_j M_kj + Σ_i M_ik − M_kk); NaN for a class in neither target nor prediction."""
+    m = confusion.double()
+    tp = m.diagonal()
+    union = m.sum(0) + m.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+def miou(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mIoU = mean of IoU_k over the classes k in the target or the prediction, background included.
+
+    A class in neither (union 0) is left out of the mean, never counted as 0 or 1; a class only
+    predicted counts as IoU 0. Returns (mIoU, per-class IoU with NaN for the left-out classes);
+    mIoU is NaN when the matrix is empty.
+    """
+    per_class = iou_per_class(confusion)
+    seen = ~per_class.isnan()
+    mean = per_class[seen].mean() if seen.any() else per_class.new_tensor(float("nan"))
+    return mean, per_class
+
+
+def pixel_accuracy(confusion: torch.Tensor) -> torch.Tensor:
+    """acc = Σ_k M_kk / Σ_{i,j} M_ij: the share of pixels classified right (background included)."""
+    m = confusion.double()
+    return m.diagonal().sum() / m.sum()
+
+
+__all__ = ["pixel_cross_entropy", "soft_dice_loss", "segmentation_loss", "confusion_matrix",
+           "iou_per_class", "miou", "pixel_accuracy"]
