@@ -2,13 +2,13 @@
 shards from elsewhere) → stream."""
 from .bench import loader_throughput
 from .errors import DataError, SkipRecord
-from .manifest import Manifest, ShardInfo, SplitInfo, load_manifest, verify
+from .manifest import Manifest, MaskInfo, ShardInfo, SplitInfo, load_manifest, verify
 from .pack import ensure_packed, pack
 from .sources import SOURCES, Source, open_source
 from .stream import ShardLoader, make_loader, shard_urls, split_samples
 
 __all__ = [
-    "DataError", "Manifest", "SOURCES", "ShardInfo", "ShardLoader", "SkipRecord", "Source",
+    "DataError", "Manifest", "MaskInfo", "SOURCES", "ShardInfo", "ShardLoader", "SkipRecord", "Source",
     "SplitInfo", "ensure_packed", "load_manifest", "loader_throughput",
     "make_loader", "open_source", "pack", "shard_urls", "split_samples", "verify",
 ]

@@ -10,7 +10,8 @@ from pathlib import Path
 from .errors import DataError
 
 FORMAT = "genrep-wds"
-VERSION = 1
+VERSION = 2  # 2: class masks (0 background, c + 1 class c) described by the "mask" field
+MASK_ENCODING, MASK_DTYPE = "png", "uint8"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,16 @@ class SplitInfo:
 
 
 @dataclass(frozen=True)
+class MaskInfo:
+    """How masks are stored: `<key>.mask.png`, 8-bit greyscale, values 0..num_classes − 1 where 0
+    is the background and c + 1 is class c (so num_classes = C + 1 for C image classes)."""
+
+    encoding: str
+    dtype: str
+    num_classes: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     path: Path
     source: str
@@ -37,8 +48,19 @@ class Manifest:
     channels: int
     num_classes: int
     class_names: list[str]
-    has_mask: bool
+    mask: MaskInfo | None  # None: the shards carry no masks
     splits: dict[str, SplitInfo]
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None
+
+    def require_mask(self) -> MaskInfo:
+        """The mask description, or a DataError when this dataset has no masks."""
+        if self.mask is None:
+            raise DataError(f"manifest {self.path}: source {self.source!r} packs no masks "
+                            f"(masks need a source with masks, e.g. shapes)")
+        return self.mask
 
     @property
     def root(self) -> Path:
@@ -92,11 +114,30 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     splits = {name: _split(s, f"splits.{name}", path) for name, s in f("splits", dict).items()}
     m = Manifest(path, f("source", str), f("source_params", dict), f("pack_params", dict),
                  f("image_size", int), f("channels", int), f("num_classes", int),
-                 f("class_names", list), f("has_mask", bool), splits)
+                 f("class_names", list), _mask(raw, f("has_mask", bool), path), splits)
     if len(m.class_names) != m.num_classes:
         raise DataError(f"manifest {path}: field 'class_names' has {len(m.class_names)} names "
                         f"but 'num_classes' is {m.num_classes}")
+    if m.mask and m.mask.num_classes != m.num_classes + 1:
+        raise DataError(f"manifest {path}: field 'mask.num_classes' is {m.mask.num_classes}, "
+                        f"expected num_classes + 1 = {m.num_classes + 1} (background 0, class c as c + 1)")
     return m
+
+
+def _mask(raw: dict, has_mask: bool, path: Path) -> MaskInfo | None:
+    """The "mask" field: null without masks, else encoding "png", dtype "uint8", num_classes."""
+    if "mask" not in raw:
+        raise DataError(f"manifest {path}: missing field 'mask'")
+    if (raw["mask"] is not None) != has_mask:
+        raise DataError(f"manifest {path}: field 'mask' is {raw['mask']!r} but 'has_mask' is {has_mask}")
+    if not has_mask:
+        return None
+    info = MaskInfo(*(_field(raw["mask"], k, kind, "mask", path)
+                      for k, kind in (("encoding", str), ("dtype", str), ("num_classes", int))))
+    if (info.encoding, info.dtype) != (MASK_ENCODING, MASK_DTYPE):
+        raise DataError(f"manifest {path}: field 'mask' has encoding {info.encoding!r}, dtype "
+                        f"{info.dtype!r}; expected {MASK_ENCODING!r}, {MASK_DTYPE!r}")
+    return info
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -1,8 +1,9 @@
 """Pack a source into webdataset shards plus a manifest, byte-identically for identical arguments.
 
 Shards are `{split}-{i:05d}.tar` holding `<key>.cls` (ASCII int), `<key>.png` and, for sources
-with masks, `<key>.mask.png`. Tars are written by hand with mtime 0, uid/gid 0 and empty owner
-names (webdataset's TarWriter stamps the current time), PNGs by PIL at a fixed compression.
+with masks, `<key>.mask.png` (8-bit greyscale: 0 background, c + 1 on pixels of class c). Tars
+are written by hand with mtime 0, uid/gid 0 and empty owner names (webdataset's TarWriter stamps
+the current time), PNGs by PIL at a fixed compression.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from .. import atomic
 from .errors import DataError
-from .manifest import FORMAT, VERSION, sha256_file, verify
+from .manifest import FORMAT, MASK_DTYPE, MASK_ENCODING, VERSION, sha256_file, verify
 from .sources import Source, open_source
 
 SPLITS = ("train", "val", "test")
@@ -70,20 +71,34 @@ def write_shard(path: Path, source: Source, indices: np.ndarray, bar: tqdm) -> d
             image, mask = source.load(int(i))
             key = f"{int(i):07d}"  # the source index: unique, stable, traceable
             _add(tar, f"{key}.cls", str(int(source.labels[i])).encode("ascii"))
-            if mask is not None:
-                _add(tar, f"{key}.mask.png", png_bytes(mask))
+            if source.has_mask:
+                _add(tar, f"{key}.mask.png", png_bytes(checked_mask(source, int(i), image, mask)))
             _add(tar, f"{key}.png", png_bytes(image))
             bar.update(1)
     return {"file": path.name, "count": len(indices), "sha256": sha256_file(path)}
 
 
+def checked_mask(source: Source, index: int, image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The source's mask for `index` if it is uint8 [H, W] (the image's) with values 0..C."""
+    classes = len(source.class_names) + 1
+    if (mask is None or mask.dtype != np.uint8 or mask.shape != image.shape[:2]
+            or int(mask.max(initial=0)) >= classes):
+        got = "None" if mask is None else f"{mask.dtype}{mask.shape} max {mask.max(initial=0)}"
+        raise DataError(f"source {source.name!r} sample {index}: mask must be uint8 "
+                        f"{image.shape[:2]} with values 0..{classes - 1}, got {got}")
+    return mask
+
+
 def pack(source: str, out_dir: str | os.PathLike, shard_size: int = 500, image_size: int = 16,
          split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0,
-         count: int | None = None) -> Path:
-    """Pack `source` into `out_dir` as train/val/test shards; returns the manifest path."""
+         count: int | None = None, source_options: dict | None = None) -> Path:
+    """Pack `source` into `out_dir` as train/val/test shards; returns the manifest path.
+
+    `source_options`: the source's own parameters, e.g. {"shapes_per_image": [2, 3]} for shapes
+    (sources.open_source); the manifest's `source_params` records their resolved values."""
     if shard_size < 1 or image_size < 1:
         raise DataError(f"shard_size and image_size must be >= 1, got {shard_size}, {image_size}")
-    src = open_source(source, image_size=image_size, count=count, seed=seed)
+    src = open_source(source, image_size=image_size, count=count, seed=seed, options=source_options)
     keep = np.arange(len(src))
     if count is not None and count < len(src):  # a seeded subset, kept in source order
         keep = np.sort(np.random.default_rng(seed).permutation(len(src))[:count])
@@ -101,11 +116,19 @@ def pack(source: str, out_dir: str | os.PathLike, shard_size: int = 500, image_s
         "format": FORMAT, "version": VERSION, "source": source, "source_params": src.params,
         "pack_params": {"shard_size": shard_size, "split": list(split), "seed": seed, "count": count},
         "image_size": image_size, "channels": src.channels, "num_classes": len(src.class_names),
-        "class_names": src.class_names, "has_mask": src.has_mask, "splits": splits,
+        "class_names": src.class_names, "has_mask": src.has_mask, "mask": mask_entry(src),
+        "splits": splits,
     }
     path = out / "manifest.json"
     atomic.write_text(path, json.dumps(manifest, indent=2) + "\n")  # readers never see half of it
     return path
+
+
+def mask_entry(src: Source) -> dict | None:
+    """The manifest's "mask": one greyscale PNG per image, 0 background and c + 1 for class c."""
+    if not src.has_mask:
+        return None
+    return {"encoding": MASK_ENCODING, "dtype": MASK_DTYPE, "num_classes": len(src.class_names) + 1}
 
 
 PACK_SIGNATURE = inspect.signature(pack)
@@ -117,6 +140,7 @@ def cache_key(source: str, **params) -> str:
     bound.apply_defaults()
     args = {k: v for k, v in bound.arguments.items() if k != "out_dir"}
     args["split"] = list(args["split"])
+    args["source_options"] = args["source_options"] or None  # {} and None: the same pack
     blob = json.dumps({"format": FORMAT, "version": VERSION, **args}, sort_keys=True)
     name = re.sub(r"[^A-Za-z0-9]+", "_", source.partition(":")[0])
     return f"{name}-{args['image_size']}px-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"

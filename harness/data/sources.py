@@ -5,9 +5,11 @@ prefix from its argument. Every source resizes to `image_size` so one shard set 
 """
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -22,7 +24,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 @dataclass(frozen=True)
 class Source:
-    """A sized, lazily loaded image source: `load(i) -> (image [H, W, C] uint8, mask or None)`."""
+    """A sized, lazily loaded image source: `load(i) -> (image [H, W, C] uint8, mask or None)`.
+
+    With `has_mask`, every mask is uint8 [H, W]: 0 background, c + 1 on pixels of class c."""
 
     name: str
     params: dict
@@ -40,11 +44,22 @@ class Source:
             yield self.load(i)[0], int(self.labels[i])
 
 
-def open_source(spec: str, image_size: int = 16, count: int | None = None, seed: int = 0) -> Source:
-    """Build the source named by `spec` ("digits", "shapes", "folder:PATH", "npz:PATH")."""
+COMMON_PARAMS = {"arg", "image_size", "count", "seed"}  # every factory's; the rest are options
+
+
+def open_source(spec: str, image_size: int = 16, count: int | None = None, seed: int = 0,
+                options: dict | None = None) -> Source:
+    """Build the source named by `spec` ("digits", "shapes", "folder:PATH", "npz:PATH").
+
+    `options`: the source's own keyword parameters (shapes: `shapes_per_image`); one the source
+    does not take is a DataError naming it and the ones it does."""
     name, _, arg = spec.partition(":")
     factory = SOURCES.get(name)
-    return factory(arg or None, image_size=image_size, count=count, seed=seed)
+    known = set(inspect.signature(factory).parameters) - COMMON_PARAMS
+    if unknown := sorted(set(options or {}) - known):
+        raise DataError(f"data source {name!r}: unknown option(s) {unknown}; "
+                        f"it takes {sorted(known) if known else 'none'}")
+    return factory(arg or None, image_size=image_size, count=count, seed=seed, **(options or {}))
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -149,30 +164,112 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.line([(cx - r, cy + r), (cx + r, cy - r)], fill=255, width=max(1, int(2 * t)))
 
 
-def shape_sample(index: int, label: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """One RGB image [size, size, 3] and its 0/1 mask [size, size] for sample `index` of class `label`."""
+MIN_PIXELS = 4  # mask pixels every shape must own, so each drawn class is really in the mask
+SECONDARY_SCALE = 0.6  # secondary radii are 0.6× the primary's range: the primary is the largest
+MAX_DRAWS = 100  # layouts tried before giving up (a clear error, not an image missing a class)
+
+
+class Shape(NamedTuple):
+    """One shape of a layout, in supersampled pixels: class index, centre, radius."""
+
+    cls: int
+    cx: float
+    cy: float
+    r: float
+
+
+def shape_classes(rng: np.random.Generator, label: int, counts: tuple[int, int]) -> list[int]:
+    """The classes of one image: `label` (the primary) first, then k − 1 *other* distinct classes,
+    k drawn uniformly from the inclusive range `counts`. No draw at all for counts = (1, 1)."""
+    lo, hi = counts
+    k = int(rng.integers(lo, hi + 1)) if hi > lo else lo
+    others = [c for c in range(len(SHAPES)) if c != label]
+    return [label] + ([int(c) for c in rng.permutation(others)[:k - 1]] if k > 1 else [])
+
+
+def shape_layout(rng: np.random.Generator, classes: list[int], big: int) -> list[Shape]:
+    """Each class in its own cell of a g×g grid (g = ⌈√k⌉, cells drawn without replacement), so
+    shapes never overlap. Radius r ~ U(0.25, 0.4)·cell side (secondaries ×0.6), centre uniform
+    with the shape's box inside its cell. For k = 1 (one cell: the whole image) the draws are
+    exactly those of the single-shape generator, so single-shape images are unchanged."""
+    g = math.ceil(math.sqrt(len(classes)))
+    side = big / g
+    cells = rng.permutation(g * g)[:len(classes)] if g > 1 else [0]
+    layout = []
+    for j, (c, cell) in enumerate(zip(classes, cells)):
+        row, col = divmod(int(cell), g)
+        r = rng.uniform(0.25, 0.4) * side * (1.0 if j == 0 else SECONDARY_SCALE)
+        dx, dy = rng.uniform(r, side - r, size=2)
+        layout.append(Shape(c, col * side + dx, row * side + dy, r))
+    return layout
+
+
+def render_shapes(layout: list[Shape], size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-shape coverage [size, size] in 0..1 (drawn at SUPERSAMPLE×, box-filtered) and the class
+    mask uint8 [size, size]: 0 where no shape, class + 1 where a shape's *visible* coverage (later
+    shapes occlude earlier ones) is the largest and at least the background's. For one shape that
+    is coverage ≥ 0.5."""
+    covers = []
+    for shape in layout:
+        canvas = Image.new("L", (size * SUPERSAMPLE,) * 2, 0)
+        _draw_shape(ImageDraw.Draw(canvas), SHAPES[shape.cls], shape.cx, shape.cy, shape.r)
+        covers.append(np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0)
+    visible, above = [], np.ones((size, size), np.float32)  # above: 1 − what later shapes cover
+    for cover in reversed(covers):
+        visible.insert(0, cover * above)
+        above = above * (1 - cover)
+    best = np.argmax(visible, axis=0)
+    top = np.take_along_axis(np.stack(visible), best[None], 0)[0]
+    ids = np.array([s.cls + 1 for s in layout], dtype=np.uint8)
+    return covers, np.where(top >= above, ids[best], 0).astype(np.uint8)
+
+
+def shape_sample(index: int, label: int, size: int, seed: int,
+                 counts: tuple[int, int] = (1, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """Sample `index` of primary class `label`: RGB image [size, size, 3] and class mask [size, size]
+    (0 background, c + 1 on class c). A layout where some shape owns fewer than MIN_PIXELS mask
+    pixels is redrawn (same rng stream: deterministic per (seed, index))."""
     rng = np.random.default_rng([seed, index])
-    big = size * SUPERSAMPLE
-    r = rng.uniform(0.25, 0.4) * big
-    cx, cy = rng.uniform(r, big - r, size=2)
-    canvas = Image.new("L", (big, big), 0)
-    _draw_shape(ImageDraw.Draw(canvas), SHAPES[label], cx, cy, r)
-    coverage = np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
-    mask = (coverage >= 0.5).astype(np.uint8)
+    classes = shape_classes(rng, label, counts)
+    for _ in range(MAX_DRAWS):
+        covers, mask = render_shapes(shape_layout(rng, classes, size * SUPERSAMPLE), size)
+        if all(np.count_nonzero(mask == c + 1) >= MIN_PIXELS for c in classes):
+            break
+    else:
+        raise DataError(f"shapes: sample {index}: could not give each of {len(classes)} shapes "
+                        f"{MIN_PIXELS} mask pixels in {MAX_DRAWS} layouts at image_size={size}; "
+                        f"use a larger image_size or fewer shapes_per_image")
     # textured background: a muted 4×4 colour field upsampled, plus per-pixel noise
     field = Image.fromarray(rng.integers(20, 140, size=(4, 4, 3), dtype=np.uint8))
-    bg = np.asarray(field.resize((size, size), Image.BILINEAR), dtype=np.float32)
-    bg = bg + rng.normal(0, 12, size=bg.shape)
-    colour = rng.integers(150, 256, size=3).astype(np.float32)
-    image = bg * (1 - coverage[..., None]) + colour * coverage[..., None]
+    image = np.asarray(field.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    image = image + rng.normal(0, 12, size=image.shape)
+    for cover in covers:  # painter's order: each shape over what is below it
+        colour = rng.integers(150, 256, size=3).astype(np.float32)
+        image = image * (1 - cover[..., None]) + colour * cover[..., None]
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
 
 
+def shape_counts(shapes_per_image: int | Sequence[int]) -> tuple[int, int]:
+    """`shapes_per_image` as an inclusive (lo, hi): an int k is (k, k); 1 ≤ lo ≤ hi ≤ 10."""
+    v = [shapes_per_image] if isinstance(shapes_per_image, int) else list(shapes_per_image)
+    if not (1 <= len(v) <= 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            and 1 <= v[0] <= v[-1] <= len(SHAPES)):
+        raise DataError(f"data source 'shapes': shapes_per_image must be an int or [lo, hi] with "
+                        f"1 <= lo <= hi <= {len(SHAPES)} (distinct classes), got {shapes_per_image!r}")
+    return v[0], v[-1]
+
+
 @SOURCES.register("shapes")
-def shapes(arg: str | None, image_size: int = 16, count: int | None = None, seed: int = 0) -> Source:
-    """10 classes of bright shapes on textured backgrounds, with masks; `count` samples (default 2,000)."""
+def shapes(arg: str | None, image_size: int = 16, count: int | None = None, seed: int = 0,
+           shapes_per_image: int | Sequence[int] = 1) -> Source:
+    """10 classes of bright shapes on textured backgrounds, with class masks; `count` samples
+    (default 2,000). `shapes_per_image`: k, or an inclusive range [lo, hi], of shapes of distinct
+    classes per image. The image's label is its primary shape's class (index mod 10, so classes
+    stay balanced), the largest shape by radius; the others are drawn at 0.6× its size range."""
     _no_arg("shapes", arg)
+    counts = shape_counts(shapes_per_image)
     n = 2000 if count is None else count
     labels = np.arange(n, dtype=np.int64) % len(SHAPES)  # balanced classes
-    return Source("shapes", {"count": n, "seed": seed}, list(SHAPES), labels, 3,
-                  lambda i: shape_sample(i, int(labels[i]), image_size, seed), has_mask=True)
+    return Source("shapes", {"count": n, "seed": seed, "shapes_per_image": list(counts)},
+                  list(SHAPES), labels, 3,
+                  lambda i: shape_sample(i, int(labels[i]), image_size, seed, counts), has_mask=True)

@@ -9,16 +9,23 @@ shuffle buffer runs after the split, so it only reorders a reader's own samples.
 
 Resampled mode draws shards with replacement, forever, seeded per reader; no exact split there.
 
+Masks. With `masks=True` (and `mask_classes`, the manifest's `mask.num_classes`) each item is
+(image, label, mask): the `.mask.png` must be 8-bit greyscale, exactly the image's H×W (images are
+never resized on load, so neither are masks; a resize would have to be NEAREST) and hold values
+0..mask_classes − 1. Without the flag a mask in the shard is ignored and items are (image, label).
+
 Bad data. A tar that cannot be read raises DataError naming the shard URL; a sample without a
-`.cls`, with a bad label or an undecodable image raises DataError naming shard and key. With
-`on_bad_sample="skip"` each is recorded as a SkipRecord (sent in-band from the workers) and counted
-in `loader.skipped` / `loader.skip_log`, never dropped silently.
+`.cls`, with a bad label, an undecodable image or (asked for) a missing or bad mask raises
+DataError naming shard and key. With `on_bad_sample="skip"` each is recorded as a SkipRecord (sent
+in-band from the workers) and counted in `loader.skipped` / `loader.skip_log`, never dropped
+silently.
 """
 from __future__ import annotations
 
 import io
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -122,8 +129,10 @@ def split_samples(samples: Iterable, index: int, count: int) -> Iterator:
             yield s
 
 
-def decode_sample(sample: dict, channels: int | None, size: int | None = None) -> tuple[np.ndarray, int]:
-    """(image uint8 [C, H, W], label) from a raw sample; problems raise DataError with shard+key.
+def decode_sample(sample: dict, channels: int | None, size: int | None = None,
+                  mask_classes: int | None = None) -> tuple:
+    """(image uint8 [C, H, W], label), plus the mask uint8 [H, W] when `mask_classes` is given,
+    from a raw sample; problems raise DataError with shard+key.
 
     Hostile shards: a member name that is absolute or climbs out (``../``) is refused (nothing is
     ever written, but such a key has no business in a dataset); only PNG is decoded; with `size`,
@@ -139,19 +148,47 @@ def decode_sample(sample: dict, channels: int | None, size: int | None = None) -
         label = int(sample["cls"].decode("ascii").strip())
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(sample, f".cls is not an integer ({sample['cls'][:20]!r})") from e
+    expect = None if size is None else (size, size, "the dataset's image_size")
+    with _open_png(sample, "png", expect) as im:
+        mode = {1: "L", 3: "RGB"}.get(channels or (1 if im.mode in ("L", "1", "I;16") else 3))
+        array = np.asarray(im.convert(mode))
+    image = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    if mask_classes is None:
+        return image, label
+    return image, label, decode_mask(sample, image.shape[1], image.shape[2], mask_classes)
+
+
+def decode_mask(sample: dict, height: int, width: int, mask_classes: int) -> np.ndarray:
+    """The sample's class mask uint8 [H, W]: an 8-bit greyscale PNG of the image's size (checked
+    in the header, before decoding) with values 0..mask_classes − 1."""
+    if "mask.png" not in sample:
+        raise _bad(sample, f"no .mask.png entry, but masks were asked for "
+                           f"(has {sorted(k for k in sample if k[0] != '_')})")
+    with _open_png(sample, "mask.png", (width, height, "the image's")) as im:
+        if im.mode != "L":
+            raise _bad(sample, f".mask.png has mode {im.mode!r}, expected 'L' (8-bit class indices)")
+        mask = np.asarray(im)
+    if (top := int(mask.max(initial=0))) >= mask_classes:
+        raise _bad(sample, f".mask.png has value {top}, outside 0..{mask_classes - 1} "
+                           f"({mask_classes} mask classes)")
+    return mask
+
+
+@contextmanager
+def _open_png(sample: dict, ext: str, expect: tuple[int, int, str] | None) -> Iterator[Image.Image]:
+    """Sample member `ext` opened as a PNG and loaded; with `expect` = (width, height, whose), a
+    header declaring another size is refused before any pixel is decoded."""
     try:
-        with Image.open(io.BytesIO(sample["png"]), formats=["PNG"]) as im:
-            if size is not None and im.size != (size, size):
-                raise _bad(sample, f".png declares {im.size[0]}x{im.size[1]} pixels, "
-                                   f"expected {size}x{size} (the dataset's image_size)")
+        with Image.open(io.BytesIO(sample[ext]), formats=["PNG"]) as im:
+            if expect is not None and im.size != expect[:2]:
+                raise _bad(sample, f".{ext} declares {im.size[0]}x{im.size[1]} pixels, "
+                                   f"expected {expect[0]}x{expect[1]} ({expect[2]})")
             im.load()
-            mode = {1: "L", 3: "RGB"}.get(channels or (1 if im.mode in ("L", "1", "I;16") else 3))
-            array = np.asarray(im.convert(mode))
+            yield im
     except DataError:
         raise
     except Exception as e:
-        raise _bad(sample, f".png is not a decodable image ({e})") from e
-    return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), label
+        raise _bad(sample, f".{ext} is not a decodable image ({e})") from e
 
 
 def _bad(sample: dict, reason: str) -> DataError:
@@ -160,13 +197,14 @@ def _bad(sample: dict, reason: str) -> DataError:
     return err
 
 
-def decode_all(samples: Iterable, channels: int | None, policy: str, size: int | None = None) -> Iterator:
+def decode_all(samples: Iterable, channels: int | None, policy: str, size: int | None = None,
+               mask_classes: int | None = None) -> Iterator:
     for s in samples:
         if isinstance(s, SkipRecord):
             yield s
             continue
         try:
-            yield decode_sample(s, channels, size)
+            yield decode_sample(s, channels, size, mask_classes)
         except DataError as e:
             if policy == "raise":
                 raise
@@ -174,24 +212,26 @@ def decode_all(samples: Iterable, channels: int | None, policy: str, size: int |
 
 
 def collate(items: Iterable, batch_size: int, drop_last: bool) -> Iterator:
-    """Batches of (images float32 [B, C, H, W] in [-1, 1], labels int64 [B]); markers pass through."""
-    images, labels = [], []
+    """Batches of (images float32 [B, C, H, W] in [-1, 1], labels int64 [B]) and, when items carry
+    masks, masks int64 [B, H, W] (cross-entropy targets); markers pass through."""
+    batch: list[tuple] = []
     for item in items:
         if isinstance(item, SkipRecord):
             yield item
             continue
-        images.append(item[0])
-        labels.append(item[1])
-        if len(images) == batch_size:
-            yield _to_batch(images, labels)
-            images, labels = [], []
-    if images and not drop_last:
-        yield _to_batch(images, labels)
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield _to_batch(batch)
+            batch = []
+    if batch and not drop_last:
+        yield _to_batch(batch)
 
 
-def _to_batch(images: list, labels: list) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_batch(batch: list[tuple]) -> tuple[torch.Tensor, ...]:
+    images, labels, *masks = zip(*batch)
     x = torch.from_numpy(np.stack(images)).float().div_(127.5).sub_(1.0)  # uint8 0..255 → [-1, 1]
-    return x, torch.tensor(labels, dtype=torch.int64)
+    y = torch.tensor(labels, dtype=torch.int64)
+    return (x, y, torch.from_numpy(np.stack(masks[0])).long()) if masks else (x, y)
 
 
 # --- one reader's pipeline, built inside the DataLoader worker ---------------------------------
@@ -229,7 +269,8 @@ class _ReaderStream(IterableDataset):
         if c["shuffle_buffer"] > 1:
             stages.append(wds.shuffle(c["shuffle_buffer"], initial=c["shuffle_buffer"],
                                       seed=_reader_seed(c["seed"], c["epoch"], reader)))
-        stages += [lambda s: decode_all(s, c["channels"], c["policy"], c.get("image_size")),
+        stages += [lambda s: decode_all(s, c["channels"], c["policy"], c.get("image_size"),
+                                        c.get("mask_classes")),
                    lambda s: collate(s, c["batch_size"], c["drop_last"])]
         return stages
 
@@ -244,7 +285,8 @@ def _identity(x):
 
 
 class ShardLoader:
-    """Iterable of (images, labels) batches over shard URLs; see the module docstring.
+    """Iterable of (images, labels) batches — (images, labels, masks) with masks on — over shard
+    URLs; see the module docstring.
 
     Position: `state_dict()` holds the epoch and batches consumed; after `load_state_dict`, the
     next iteration replays the same order and skips that many batches. A full pass advances the
@@ -276,7 +318,7 @@ class ShardLoader:
             return ds
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         done = 0
         for item in self._items():
             if isinstance(item, SkipRecord):
@@ -295,10 +337,17 @@ def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_siz
                 num_workers: int = 0, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0,
                 resampled: bool = False, on_bad_sample: str = "raise", image_channels: int | None = None,
                 drop_last: bool = True, shuffle_shards: bool = True,
-                image_size: int | None = None) -> ShardLoader:
+                image_size: int | None = None, masks: bool = False,
+                mask_classes: int | None = None) -> ShardLoader:
     """A ShardLoader over `urls` (a list, or one brace pattern) for reader `rank` of `world_size`;
-    with `image_size`, an image of any other size is bad data (DataError naming shard and key)."""
+    with `image_size`, an image of any other size is bad data (DataError naming shard and key).
+
+    `masks=True`: batches are (images, labels, masks int64 [B, H, W]); `mask_classes` is the
+    manifest's `mask.num_classes` (`Manifest.require_mask()`), the bound on mask values."""
     urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
+    if masks and (not isinstance(mask_classes, int) or not 2 <= mask_classes <= 256):
+        raise ValueError(f"masks=True needs mask_classes, an int in 2..256 (the manifest's "
+                         f"mask.num_classes), got {mask_classes!r}")
     if image_channels not in (None, 1, 3):
         raise ValueError(f"image_channels must be None, 1 or 3, got {image_channels!r}")
     if on_bad_sample not in POLICIES:
@@ -309,5 +358,5 @@ def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_siz
     cfg = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
                shuffle_buffer=shuffle_buffer, resampled=resampled, policy=on_bad_sample,
                channels=image_channels, drop_last=drop_last, shuffle_shards=shuffle_shards,
-               image_size=image_size)
+               image_size=image_size, mask_classes=mask_classes if masks else None)
     return ShardLoader(urls, cfg, num_workers)

@@ -2,8 +2,9 @@
 
 Complements tests/harness/test_config.py (unknown keys, wrong types, bad ranges, malformed and
 unsafe YAML) and tests/harness/test_data.py (truncated shards, bad checksums, missing labels,
-non-image payloads): only what those do not cover is here. The network exposure of the embedded
-Ray cluster is at the end (slow: it starts Ray).
+non-image payloads, a corrupt mask in a packed shard): only what those do not cover is here
+(hostile image and mask payloads: bombs, wrong sizes and modes, out-of-range class values).
+The network exposure of the embedded Ray cluster is at the end (slow: it starts Ray).
 """
 from __future__ import annotations
 
@@ -136,6 +137,49 @@ def test_bomb_is_refused_even_without_a_declared_size(tmp_path):
     url = shard(tmp_path / "s.tar", "bad", png_header_only(100_000, 100_000))
     with pytest.raises(DataError, match=rf"shard {url}: sample 'bad': .*decompression bomb"):
         list(make_loader([url], 1, shuffle_shards=False))
+
+
+def mask_png(width: int, height: int, mode: str = "L", value: int = 3, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), value if mode != "RGB" else (value,) * 3).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def mask_shard(path: Path, mask: bytes | None) -> str:
+    """A good 8×8 sample with its mask, then sample 'bad' whose mask is `mask` (None: absent)."""
+    members = [("good.cls", b"1"), ("good.png", png(8, 8)), ("good.mask.png", mask_png(8, 8)),
+               ("bad.cls", b"2"), ("bad.png", png(8, 8))] + ([("bad.mask.png", mask)] if mask else [])
+    with tarfile.open(path, "w") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("mask, words", [
+    (None, r"no \.mask\.png entry, but masks were asked for"),
+    (mask_png(4, 4), r"\.mask\.png declares 4x4 pixels, expected 8x8 \(the image's\)"),
+    (png_header_only(100_000, 100_000), "decompression bomb"),
+    (png_header_only(12_000, 12_000), "declares 12000x12000 pixels, expected 8x8"),
+    (mask_png(8, 8, value=11), r"value 11, outside 0\.\.10"),
+    (mask_png(8, 8, value=255), r"value 255, outside 0\.\.10"),
+    (mask_png(8, 8, mode="RGB"), "mode 'RGB', expected 'L'"),
+    (mask_png(8, 8, mode="I;16"), "mode 'I;16', expected 'L'"),
+    (mask_png(8, 8, fmt="GIF"), "not a decodable image"),
+], ids=["missing", "wrong-size", "bomb-1e10-px", "bomb-1.4e8-px", "value-11", "value-255", "rgb",
+        "16-bit", "gif"])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bad_masks_raise_naming_shard_and_key(tmp_path, mask, words):
+    url = mask_shard(tmp_path / "m.tar", mask)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    with pytest.raises(DataError, match=rf"shard {url}: sample 'bad': .*{words}"):
+        read(url, masks=True, mask_classes=11)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 50 * 1024  # < 50 MiB
+    skip = make_loader([url], 1, shuffle_shards=False, masks=True, mask_classes=11, on_bad_sample="skip")
+    (batch,) = list(skip)
+    assert batch[2].tolist() == [[[3] * 8] * 8]  # the good sample's mask
+    assert [(r.shard, r.key) for r in skip.skip_log] == [(url, "bad")]
 
 
 # ---------------------------------------------------------------- network exposure (slow: Ray)
