@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import genrep, pcgrad, sum  # noqa: F401  (registers the strategies)
+from . import genrep, pcgrad, sum, torchjd_rules  # noqa: F401  (registers the strategies)
 from .registry import STRATEGIES, Registry, Strategy, Telemetry
 
 __all__ = ["Registry", "Strategy", "STRATEGIES", "available", "get", "weights", "gram_matrix",
