@@ -43,9 +43,10 @@ def denoising_loss_given(eps_fn: EpsFn, x0, c_tilde, t, noise, alphas_cumprod):
     return loss, {"loss_gen": loss.detach()}
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
-    """L_ce = −(1/B) Σ_b log softmax(z_b)[y_b]."""
-    loss = F.cross_entropy(logits.float(), labels)
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
+    """L_ce = −(1/B) Σ_b Σ_c ỹ_bc log softmax(z_b)_c, ỹ = (1−ε)·onehot(y) + ε/C (ε = 0: plain CE;
+    label smoothing, Szegedy et al. 2016, arXiv:1512.00567)."""
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     acc = (logits.argmax(-1) == labels).float().mean()
     return loss, {"loss_ce": loss.detach(), "acc": acc.detach()}
 
@@ -81,8 +82,9 @@ def perception_loss(
     beta: float = 0.0,
     tau: float = 1.0,
     use_ce: bool = True,
+    label_smoothing: float = 0.0,
 ):
-    """L_perc = L_ce + β·τ²·(1/B) Σ_{b scored} KL(q_b ‖ softmax(z_b/τ)) (either term may be off, not both).
+    """L_perc = L_ce(ε) + β·τ²·(1/B) Σ_{b scored} KL(q_b ‖ softmax(z_b/τ)) (either term may be off, not both).
 
     ``teacher_probs`` [n, C] holds the teacher's posterior for the first n ≤ B images (n = 0: the
     teacher did not run this step); the distillation term is averaged over the whole batch B.
@@ -93,7 +95,7 @@ def perception_loss(
         raise ValueError(f"beta={beta} needs teacher_probs")
     loss, metrics = logits.new_zeros((), dtype=torch.float32), {}
     if use_ce:
-        ce, m = cross_entropy(logits, labels)
+        ce, m = cross_entropy(logits, labels, label_smoothing)
         loss, metrics = loss + ce, {**metrics, **m}
     if beta != 0.0:
         kd, m = distillation_loss(logits, teacher_probs, tau, batch_size=logits.shape[0])

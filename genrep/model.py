@@ -1,6 +1,6 @@
 """The GenRep network: one class-conditional ε-prediction diffusion backbone with a perception head.
 
-The same weights serve both tasks (DESIGN.md, "The method"):
+The same weights serve both tasks (docs/method.md, "The network"):
 - generation: ``eps(x_t, t, c)`` is ε_θ(x_t, t, c), with c = ``null_class`` the unconditional case
   (label dropout), which also makes classifier-free guidance possible;
 - perception: ``logits(x)`` pools the backbone's own bottleneck features of the input at a fixed
@@ -54,7 +54,7 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # 1.1 M parameters, about 0.19 s per training step at batch 64 on 2 CPU cores (GROUND.md).
+    # 1.1 M parameters, about 0.19 s per training step at batch 64 on 2 CPU cores (docs/performance.md).
     "digits16": ModelConfig(),
     "rgb32": ModelConfig(image_size=32, channels=3, block_out_channels=(64, 128, 128, 256),
                          layers_per_block=2, norm_num_groups=32, attention=True, head="mlp"),

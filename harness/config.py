@@ -60,7 +60,17 @@ class ModelSection:
 @dataclass(frozen=True)
 class McConfig:
     k: int = 8  # Monte Carlo draws (t, ε) per image, shared by all classes
-    tau: float = 1.0  # temperature of the Bayes posterior softmax(−e_c/τ)
+    # temperature of the Bayes posterior softmax(−e_c/τ + log prior): a number, or "auto" =
+    # temperature scaling (Guo et al. 2017): τ fitted by the teacher's NLL on `calibrate_images`
+    # labelled images of the val split, every `calibrate_every` steps (0: once, at the start)
+    tau: float | Literal["auto"] = "auto"
+    calibrate_every: int = 100
+    calibrate_images: int = 64
+    # e_c on the ELBO's scale: "sum" over pixels (log p(x|c) ≈ −e_c); "mean" = the earlier
+    # pixel-mean estimator, whose τ = 1 is τ = D on the Bayes scale (a near-uniform teacher)
+    scale: Literal["sum", "mean"] = "sum"
+    weight: Literal["uniform", "elbo"] = "uniform"  # time weighting w(t) of the errors
+    prior: Literal["uniform", "train"] = "uniform"  # "train": the training split's class frequencies
     # Shipped cost defaults, measured in docs/performance.md (P3, P3b): the teacher scores an
     # eighth of the batch every 4th step and prunes to 3 classes after the 2 middle draws,
     # B/8·(2·C + 6·3)/4 ≈ 1.2·B forwards per step instead of B·K·C = 80·B; one image costs the
@@ -82,6 +92,9 @@ class MethodConfig:
     use_ce: bool = True
     beta_kd: float = 1.0  # weight of the distillation loss; 0 switches the teacher off
     tau_kd: float = 1.0
+    # ε of label smoothing in L_ce (Szegedy et al. 2016): the control that tells a teacher's
+    # distillation apart from uniform smoothing of the targets
+    label_smoothing: float = 0.0
     ema_decay: float = 0.999
     mc: McConfig = field(default_factory=McConfig)
 
@@ -90,7 +103,7 @@ class MethodConfig:
 class StrategyConfig:
     name: str = "sum"
     granularity: Literal["vector", "tensor"] = "vector"
-    options: dict[str, Any] = field(default_factory=dict)  # e.g. damping, rule, one_sided
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. rule, power, align, task_weights
 
 
 @dataclass(frozen=True)
@@ -313,11 +326,14 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
                  "num_workers": (lambda v: v >= 0, "must be >= 0"),
                  "split": (lambda v: abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
                            "three fractions >= 0 that sum to 1")},
-    McConfig: {**_positive("k", "tau", "every", "chunk_size", "prune_k", "prune_keep"),
+    McConfig: {**_positive("k", "every", "chunk_size", "prune_k", "prune_keep", "calibrate_images"),
+               "tau": (lambda v: v == "auto" or v > 0, 'must be > 0 or "auto"'),
+               "calibrate_every": (lambda v: v >= 0, "must be >= 0"),
                "subset": (lambda v: 0 < v <= 1, "must be in (0, 1]")},
     MethodConfig: {"p_uncond": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
                    "beta_kd": (lambda v: v >= 0, "must be >= 0"),
                    **_positive("tau_kd"),
+                   "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
                    "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)")},
     TrainConfig: {**_positive("steps", "batch_size", "lr", "log_every"),
                   "grad_clip": (lambda v: v >= 0, "must be >= 0"),

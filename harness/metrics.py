@@ -78,6 +78,18 @@ METRICS: dict[str, Metric] = _registry(
     _m("damping", None, "", "conflict"),
     _m("w_p", None, "", "conflict"),
     _m("w_g", None, "", "conflict"),
+    _m("update_change", None, "‖u − u_ref‖/‖u_ref‖", "conflict"),  # does the strategy act at all?
+    _m("seg_cos_p10", None, "", "conflict"),  # per-tensor cos quantiles (granularity: tensor)
+    _m("seg_cos_median", None, "", "conflict"),
+    _m("seg_cos_p90", None, "", "conflict"),
+    _m("seg_conflict", None, "fraction of tensors", "conflict"),
+    _m("seg_shared", None, "fraction of tensors", "conflict"),
+    # the Monte Carlo teacher's own quality on held-out images (its top-1 is mc_acc)
+    _m("teacher_nll", False, "nats", "teacher"),
+    _m("teacher_ece", False, "fraction", "teacher"),
+    _m("teacher_max_prob", None, "probability", "teacher"),
+    _m("teacher_entropy", None, "nats", "teacher"),  # log C = a uniform teacher
+    _m("teacher_tau", None, "", "teacher"),  # τ_mc in use (fitted when mc.tau: auto)
     # data and status
     _m("skipped_samples", False, "samples", "data"),
     _m("failed", False, "", "status"),  # the status row of a failed trial (harness.sweep)

@@ -20,7 +20,7 @@ from genrep import strategies
 from genrep.diffusion import draw_denoising, make_scheduler
 from genrep.losses import generation_loss, perception_loss
 from genrep.model import GenRepModel, build_model
-from genrep.posterior import draw_mc, mc_posterior
+from genrep.posterior import draw_mc, fit_temperature, mc_posterior
 from genrep.registry import Registry
 from genrep.strategies.telemetry import summarize
 from harness import engine as ds
@@ -74,6 +74,57 @@ class Step:
         self.cfg, self.shard, self.device = cfg, shard, device
         self.alphas_cumprod = make_scheduler().alphas_cumprod.to(device)
         self.num_classes = cfg.model_config().num_classes
+        tau = cfg.method.mc.tau
+        self.tau: float | None = None if tau == "auto" else float(tau)  # the teacher's τ_mc
+        self.tau_step = -1  # the step τ was last fitted at ("auto")
+        self.calibration: tuple[torch.Tensor, torch.Tensor] | None = None  # labelled val images
+        self.prior: torch.Tensor | None = None  # class frequencies (mc.prior: train), else uniform
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step's own running state, for checkpoints (a resumed run must refit nothing)."""
+        return {"strategy_state": getattr(self, "state", None), "tau": self.tau, "tau_step": self.tau_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if hasattr(self, "state"):
+            self.state = state["strategy_state"]
+        self.tau, self.tau_step = state.get("tau", self.tau), state.get("tau_step", self.tau_step)
+
+    def mc_options(self) -> dict[str, Any]:
+        """The teacher's estimator settings shared by training, calibration and evaluation."""
+        mc = self.cfg.method.mc
+        return dict(chunk_size=mc.chunk_size, scale=mc.scale, weight=mc.weight, prior=self.prior)
+
+    def teacher_tau(self, teacher: GenRepModel, step: int) -> float:
+        """τ_mc in use at ``step``: the configured number, or ("auto") the temperature that
+        minimises the teacher's NLL on the calibration images (temperature scaling, Guo et al.
+        2017), refitted when ``calibrate_every`` steps have passed since the last fit.
+
+        Every rank fits on the same images with the same draws, so every rank gets the same τ
+        (the W-worker run stays the 1-worker run); cost: n·K·C forwards per fit."""
+        mc = self.cfg.method.mc
+        stale = mc.calibrate_every and step >= self.tau_step + mc.calibrate_every
+        if mc.tau != "auto" or (self.tau is not None and not stale):
+            return self.tau
+        self.tau, self.tau_step = self.fit_tau(teacher.eps, mc.k, step), step
+        return self.tau
+
+    def fit_tau(self, eps_fn, k: int, step: int) -> float:
+        """argmin_τ NLL of softmax(−e/τ + log prior) on the calibration images, e from K draws."""
+        if self.calibration is None:
+            raise RuntimeError("method.mc.tau: auto needs calibration images (Step.calibration; "
+                               "harness.worker.prepare_teacher sets them)")
+        x, y = self.calibration
+        res = mc_posterior(eps_fn, x, self.num_classes, k, self.alphas_cumprod,
+                           generator=step_generator(self.cfg.seed, step, "calibrate"),
+                           **self.mc_options())
+        return fit_temperature(-res.errors, y, prior=self.prior)
+
+    def eval_teacher(self, eps_fn, k: int, step: int | None) -> dict[str, Any]:
+        """The estimator settings for a held-out evaluation of the zero-shot classifier ``eps_fn``:
+        τ fitted afresh for this network and K ("auto"), else the configured τ."""
+        mc = self.cfg.method.mc
+        tau = self.fit_tau(eps_fn, k, -1 if step is None else step) if mc.tau == "auto" else float(mc.tau)
+        return {"tau_mc": tau, **self.mc_options()}
 
     def generation_loss(self, model: GenRepModel, x, y, step: int):
         """genrep's L_gen on this rank's rows of draws made for the global batch."""
@@ -102,20 +153,21 @@ class Step:
             t, eps = draw_mc(k, n * self.shard.world, tuple(x.shape[1:]), len(self.alphas_cumprod), g)
             return t[rows].to(self.device), eps[rows].to(self.device)
 
+        tau = self.teacher_tau(teacher, step)
         prune = mc.prune_keep is not None and mc.prune_k < mc.k
         res = mc_posterior(teacher.eps, x[:n], self.num_classes, mc.k, self.alphas_cumprod,
-                           tau_mc=mc.tau, chunk_size=mc.chunk_size, draw=draw,
-                           prune_k=mc.prune_k if prune else None,
-                           prune_keep=mc.prune_keep if prune else None)
+                           tau_mc=tau, draw=draw, prune_k=mc.prune_k if prune else None,
+                           prune_keep=mc.prune_keep if prune else None, **self.mc_options())
         finite = res.stderr[torch.isfinite(res.stderr)]
-        return res.probs, {"mc_evals": float(res.evals),
+        return res.probs, {"mc_evals": float(res.evals), "teacher_tau": float(tau),
                            "mc_stderr": float(finite.mean()) if finite.numel() else 0.0}
 
     def perception_loss(self, model: GenRepModel, x, y, q):
         """genrep's L_perc = [L_ce] + β·τ²·(1/B) Σ_{i scored} KL_i on the head's logits of x (q has
         0 rows on a step without teacher: the term is then 0)."""
         m = self.cfg.method
-        return perception_loss(model.logits(x), y, q, beta=m.beta_kd, tau=m.tau_kd, use_ce=m.use_ce)
+        return perception_loss(model.logits(x), y, q, beta=m.beta_kd, tau=m.tau_kd, use_ce=m.use_ce,
+                               label_smoothing=m.label_smoothing)
 
 
 MODES: Registry[type] = Registry("training mode")

@@ -80,7 +80,8 @@ def prepare_data(sweep: SweepConfig) -> dict[str, Any]:
     # sha256), so different data can never reuse a classifier trained on other data
     key = f"{manifest_path.parent.name}-{hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:12]}"
     return {s: shard_urls(manifest, s) for s in ("train", "val", "test")} | {
-        "cache": str(data_root(sweep)), "key": key}
+        "cache": str(data_root(sweep)), "key": key,
+        "class_counts": list(manifest.splits["train"].class_counts)}  # method.mc.prior: train
 
 
 def scaling_config(cfg: TrialConfig):

@@ -73,6 +73,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker else torch.device("cpu")
     shard = Shard(rank, world, cfg.train.batch_size // world)
     step_fn = make_step(cfg, shard, device)
+    prepare_teacher(step_fn, cfg, config["urls"], device)
     loader = make_loader(config["urls"]["train"], shard.local, rank=rank, world_size=world,
                          num_workers=cfg.data.num_workers, seed=cfg.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, on_bad_sample=cfg.data.on_bad_sample,
@@ -102,6 +103,23 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     report(final, step_fn, loader, cfg.train.steps, checkpoint=False)
     parallel.barrier()
     return final
+
+
+def prepare_teacher(step_fn, cfg: TrialConfig, urls: dict[str, Any], device) -> None:
+    """The teacher's calibration images (``mc.tau: auto``: the first ``calibrate_images`` of the
+    val split, the split for choosing, never the test split that reports) and its class prior
+    (``mc.prior: train``: the training split's class frequencies from the manifest)."""
+    from harness.evaluate_trial import load_split
+
+    mc = cfg.method.mc
+    if mc.tau == "auto":
+        x, y = load_split(urls["val"])
+        step_fn.calibration = (x[: mc.calibrate_images].to(device), y[: mc.calibrate_images].to(device))
+    if mc.prior == "train":
+        if "class_counts" not in urls:
+            raise ValueError("method.mc.prior: train needs the training split's class counts, which "
+                             "only a packed dataset's manifest has (data.urls gives none)")
+        step_fn.prior = torch.tensor(urls["class_counts"], dtype=torch.float64, device=device)
 
 
 def rss_mb() -> float:
@@ -138,7 +156,7 @@ def report(metrics: dict[str, Any], step_fn, loader, step: int, checkpoint: bool
 
 def save_checkpoint(path: Path, step_fn, loader, step: int) -> None:
     """Every engine, EMA copy and the loop's state (step, loader position, strategy state)."""
-    state = {"step": step, "loader": loader.state_dict(), "strategy_state": getattr(step_fn, "state", None)}
+    state = {"step": step, "loader": loader.state_dict(), **step_fn.state_dict()}
     parallel.save_checkpoint(path, step_fn.networks(), state)
 
 
@@ -159,8 +177,7 @@ def load_checkpoint(path: Path, step_fn, loader) -> int:
     """The inverse of :func:`save_checkpoint`; returns the first step to run."""
     state = parallel.load_checkpoint(path, step_fn.networks())
     loader.load_state_dict(state["loader"])
-    if hasattr(step_fn, "state"):
-        step_fn.state = state["strategy_state"]
+    step_fn.load_state_dict(state)
     return int(state["step"])
 
 

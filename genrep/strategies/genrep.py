@@ -3,7 +3,7 @@ Generation in Diffusion Models", ICLR 2026 (https://openreview.net/forum?id=yKC3
 is not public; the abstract says only that the alignment "symmetrically" modifies both tasks'
 directions. The published rule below is read from public summaries of the paper (e.g.
 https://en.papernotes.org/ICLR2026/image_generation/reconciling_visual_perception_and_generation_in_diffusion_models/,
-and DESIGN.md, "Gradient alignment"); where they leave room, the choice is OUR READING and says so.
+and docs/method.md, "Combining the task gradients"); where they leave room, the choice is OUR READING and says so.
 
 Each gradient is split against the other: g_p∥ = (d/‖g_g‖²)·g_g, g_p⊥ = g_p − g_p∥, and
 g_g∥ = (d/‖g_p‖²)·g_p, g_g⊥ = g_g − g_g∥, with d = g_p·g_g, cos = d/(‖g_p‖‖g_g‖). The aligned

@@ -52,15 +52,19 @@ def gram_stats(gram: torch.Tensor) -> GramStats:
 
 
 def task_weights_option(value, strategy: str) -> tuple[float, float]:
-    """(w_p, w_g) as floats: two finite, non-negative numbers, not both 0; else ValueError."""
+    """(w_p, w_g) as floats: two finite, non-negative numbers, not both 0; or one number
+    w ∈ [0, 1], the perception share, meaning (w, 1 − w) (a scalar Optuna can search); else
+    ValueError."""
     try:
         w = tuple(value)
     except TypeError:
         w = (value,)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= 1:
+            w = (value, 1 - value)
     if (len(w) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in w)
             or not all(math.isfinite(v) and v >= 0 for v in w) or w[0] == w[1] == 0):
         raise ValueError(f"{strategy}: task_weights must be two finite non-negative numbers "
-                         f"(w_p, w_g), not both 0; got {value!r}")
+                         f"(w_p, w_g), not both 0, or one share w_p in [0, 1]; got {value!r}")
     return float(w[0]), float(w[1])
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 from harness import atomic
 from harness.report.plots import all_plots
 from harness.report.search import PARETO, search_table
-from harness.report.tables import (conflict_table, format_table, held_out_split, load, main_table,
+from harness.report.tables import (conflict_table, teacher_table, format_table, held_out_split, load, main_table,
                                    strategies)
 
 FOOTNOTE = "fd_ref: Fréchet distance in the reference classifier's feature space, not FID"
@@ -30,6 +30,15 @@ DELTA_NOTE = ("paired difference against the baseline on the same seeds (strateg
 IMPORTANCE_NOTE = ("importance is a correlation proxy (|Spearman ρ| or correlation ratio η with "
                    "val head_acc), not optuna's fANOVA: the results table keeps no study.")
 MAX_TRIAL_ROWS = 50
+
+
+CONFLICT_NOTE = ("update_change = ‖u − u_ref‖/‖u_ref‖: how far the strategy moved the update from "
+                 "the plain sum with the same task weights, on the same gradients (0: it did "
+                 "nothing); a strategy that does not act cannot be told apart from summing.")
+TEACHER_NOTE = ("The zero-shot diffusion classifier's posterior, as the training teacher computes it "
+                "(same estimator, τ fitted on val images when mc.tau is auto), on the held-out "
+                "images: top-1 = mc_acc; NLL against log C (a uniform teacher) says whether it is "
+                "a Bayes posterior or label smoothing.")
 
 
 def write_atomic(path: Path, data: bytes | str) -> Path:
@@ -92,7 +101,11 @@ def sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], search: dict[str
            {"table": {m: format_table(main, "mean", m) for m in ("md", "html")}},
            {"h2": f"Δ against {baseline}"}, {"p": DELTA_NOTE.format(b=baseline)},
            {"table": {m: format_table(main, "delta", m) for m in ("md", "html")}},
-           {"h2": "Gradient conflict"}, {"table": tables["conflict"].set_index("strategy")}]
+           {"h2": "Gradient conflict"}, {"p": CONFLICT_NOTE},
+           {"table": tables["conflict"].set_index("strategy")}]
+    if not tables["teacher"].empty:
+        out += [{"h2": "The Monte Carlo teacher"}, {"p": TEACHER_NOTE},
+                {"table": {m: format_table(tables["teacher"], "mean", m) for m in ("md", "html")}}]
     if not search["trials"].empty:
         trials = search["trials"]
         out += [{"h2": "Search"}, {"h3": "Best configuration (mean val head_acc over seeds)"},
@@ -158,7 +171,8 @@ def build_report(results_dirs: list, out_dir, baseline: str = "sum") -> dict[str
     """
     out_dir = Path(out_dir)
     df = load(results_dirs)
-    tables = {"main": main_table(df, baseline=baseline), "conflict": conflict_table(df)}
+    tables = {"main": main_table(df, baseline=baseline), "conflict": conflict_table(df),
+              "teacher": teacher_table(df, baseline=baseline)}
     search = search_table(df)
     images = all_plots(df, search)
     paths = {name: write_atomic(out_dir / name, data) for name, data in images.items()}

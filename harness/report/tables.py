@@ -20,6 +20,9 @@ from harness.report.stats import mean_ci, paired_delta
 
 # the registry's held-out objectives, and the per-step costs with how a trial's rows reduce
 QUALITY = registry.held_out()
+# the Monte Carlo teacher's own held-out quality, beside the head's (its top-1 is mc_acc)
+TEACHER = ("mc_acc", *(n for n, m in registry.METRICS.items() if m.kind == "teacher"
+                       and n.startswith("teacher_")))
 COST = registry.costs()
 UNIT = ["sweep", "seed"]  # what pairs two strategies' runs
 
@@ -203,19 +206,27 @@ def max_n(table: pd.DataFrame, strategy: str) -> int:
     return int(table.loc[table["strategy"] == strategy, "n"].max())
 
 
+def teacher_table(df: pd.DataFrame, baseline: str = "sum") -> pd.DataFrame:
+    """:func:`main_table`'s quality rows for the teacher's metrics (NLL, ECE, max-probability,
+    entropy, τ in use; top-1 = mc_acc), for the arms whose evaluation logged them."""
+    table = main_table(df, metrics=TEACHER, baseline=baseline)
+    return table[table["kind"] == "quality"].reset_index(drop=True)
+
+
 def conflict_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per strategy, from the logged train rows: fraction of steps in conflict (mean of the 0/1
     ``conflict`` telemetry; a logged row is a window mean, so this is the step-weighted
     fraction for equal windows), mean and median cos(g_p, g_g), mean damping λ applied,
     median ‖g_p‖/‖g_g‖, the number of logged rows, and of (sweep, seed) runs with telemetry."""
     cols = ["strategy", "seeds", "logged", "conflict_frac", "cos_mean", "cos_median",
-            "damping_mean", "norm_ratio_median"]
+            "damping_mean", "norm_ratio_median", "update_change_mean"]
     rows = ok_rows(df)
     rows = rows[rows["split"] == "train"] if len(rows) else rows
     out = []
     for s in strategies(rows):
         r = rows[rows["strategy"] == s]
-        v = {m: r.loc[r["metric"] == m, "value"] for m in ("conflict", "cos", "damping", "norm_ratio")}
+        v = {m: r.loc[r["metric"] == m, "value"]
+             for m in ("conflict", "cos", "damping", "norm_ratio", "update_change")}
         if all(x.empty for x in v.values()):
             continue
         logged = r[r["metric"].isin(list(v))]
@@ -223,5 +234,6 @@ def conflict_table(df: pd.DataFrame) -> pd.DataFrame:
                     "logged": max(len(x) for x in v.values()),
                     "conflict_frac": v["conflict"].mean(), "cos_mean": v["cos"].mean(),
                     "cos_median": v["cos"].median(), "damping_mean": v["damping"].mean(),
-                    "norm_ratio_median": v["norm_ratio"].median()})
+                    "norm_ratio_median": v["norm_ratio"].median(),
+                    "update_change_mean": v["update_change"].mean()})
     return pd.DataFrame(out, columns=cols)

@@ -220,9 +220,9 @@ def test_registry_duplicate_and_unknown():
         reg.get("nope")
     with pytest.raises(ValueError):
         S.STRATEGIES.register("pcgrad")(S.get("pcgrad"))
-    with pytest.raises(KeyError, match="'genrep', 'pcgrad', 'sum'"):
+    with pytest.raises(KeyError, match="'genrep', .*'pcgrad', 'sum'"):
         S.combine("separate", rand_grads())
-    assert S.available() == ["genrep", "pcgrad", "sum"]
+    assert {"genrep", "pcgrad", "sum"} <= set(S.available())  # and the torchjd methods
 
 
 def test_unknown_and_bad_options():
@@ -436,7 +436,7 @@ def test_loss_weights_and_defaults():
 
 @pytest.mark.parametrize("name", ["sum", "pcgrad", "genrep"])
 @pytest.mark.parametrize("bad", [(1.0,), (1, 2, 3), (-0.1, 1), (0, 0), (float("nan"), 1), (1, float("inf")),
-                                 "ab", (True, 1), None, 0.5])
+                                 "ab", (True, 1), None, 1.5])  # one number: a share in [0, 1]
 def test_bad_task_weights(name, bad):
     with pytest.raises(ValueError, match="task_weights"):
         S.combine(name, rand_grads(), task_weights=bad)

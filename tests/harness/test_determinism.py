@@ -16,7 +16,7 @@ from harness.config import from_dict
 from harness.data import make_loader
 from harness.step import Shard, make_step
 from harness.trial import prepare_data
-from harness.worker import forever, load_checkpoint, save_checkpoint
+from harness.worker import forever, load_checkpoint, prepare_teacher, save_checkpoint
 from tests.conftest import free_port, tiny_sweep
 
 STEPS = 4
@@ -58,6 +58,7 @@ def make_run(cfg, urls, strategy: str, seed: int):
     trial = cfg.trial(strategy, seed)
     shard = Shard(0, 1, trial.train.batch_size)
     step_fn = make_step(trial, shard, torch.device("cpu"))
+    prepare_teacher(step_fn, trial, urls, torch.device("cpu"))
     loader = make_loader(urls["train"], shard.local, seed=trial.seed,
                          shuffle_buffer=trial.data.shuffle_buffer, image_size=trial.data.image_size)
     return step_fn, loader
@@ -133,6 +134,7 @@ def test_one_rank_runs_zero_stage_0_with_the_same_parameters(sweep):
         trial = apply_overrides(cfg.trial("sum", 0), {"deepspeed.zero_stage": 1,
                                                      "deepspeed.zero_on_one_rank": keep})
         step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
+        prepare_teacher(step_fn, trial, urls, torch.device("cpu"))
         loader = make_loader(urls["train"], trial.train.batch_size, seed=0)
         assert step_fn.net.engine.zero_optimization_stage() == (1 if keep else 0)
         train(step_fn, loader, 0, 3)
