@@ -71,6 +71,15 @@ class McConfig:
     scale: Literal["sum", "mean"] = "sum"
     weight: Literal["uniform", "elbo"] = "uniform"  # time weighting w(t) of the errors
     prior: Literal["uniform", "train"] = "uniform"  # "train": the training split's class frequencies
+    # "forward": K forward-noised draws per image (the Diffusion Classifier's estimator);
+    # "reverse_chain": the states of one null-label reverse chain per image as MCMC samples
+    # (GenRep's estimator; docs/method.md): chain_steps steps, the first burn_in states dropped,
+    # then every thin-th kept (the paper: 200, 50, 2); eta: the DDIM step's noise (1 = DDPM-like)
+    estimator: Literal["forward", "reverse_chain"] = "forward"
+    chain_steps: int = 200
+    burn_in: int = 50
+    thin: int = 2
+    eta: float = 1.0
     # Shipped cost defaults, measured in docs/performance.md (P3, P3b): the teacher scores an
     # eighth of the batch every 4th step and prunes to 3 classes after the 2 middle draws,
     # B/8·(2·C + 6·3)/4 ≈ 1.2·B forwards per step instead of B·K·C = 80·B; one image costs the
@@ -329,6 +338,10 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
     McConfig: {**_positive("k", "every", "chunk_size", "prune_k", "prune_keep", "calibrate_images"),
                "tau": (lambda v: v == "auto" or v > 0, 'must be > 0 or "auto"'),
                "calibrate_every": (lambda v: v >= 0, "must be >= 0"),
+               "chain_steps": (lambda v: 1 <= v <= 1000, "must be in [1, 1000]"),
+               "burn_in": (lambda v: v >= 0, "must be >= 0"),
+               "thin": (lambda v: v >= 1, "must be >= 1"),
+               "eta": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
                "subset": (lambda v: 0 < v <= 1, "must be in (0, 1]")},
     MethodConfig: {"p_uncond": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
                    "beta_kd": (lambda v: v >= 0, "must be >= 0"),
@@ -389,16 +402,21 @@ def _cross_checks(cfg: SweepConfig, where: str) -> None:
     mc = cfg.method.mc
     if (mc.prune_k is None) != (mc.prune_keep is None):
         raise ConfigError(f"{where}: method.mc: prune_k and prune_keep go together")
+    if mc.burn_in >= mc.chain_steps:
+        raise ConfigError(f"{where}: method.mc.burn_in: {mc.burn_in} leaves no state of a "
+                          f"{mc.chain_steps}-step chain (must be < chain_steps)")
     if not cfg.method.use_ce and cfg.method.beta_kd == 0:
         raise ConfigError(f"{where}: method: use_ce is false and beta_kd is 0: no perception loss")
+    from harness import modes
+
     for s, opts in cfg.strategy_options.items():
-        if s not in strategies.available():
-            raise ConfigError(f"{where}: strategy_options.{s}: not a strategy with options; "
-                              f"known: {strategies.available()}")
+        if s not in modes.known_strategies():
+            raise ConfigError(f"{where}: strategy_options.{s}: not a strategy; "
+                              f"known: {modes.known_strategies()}")
         if not isinstance(opts, dict):
             raise ConfigError(f"{where}: strategy_options.{s}: expected a mapping, got {opts!r}")
         try:
-            strategies.get(s).check_options(opts)
+            modes.check_options(s, opts)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: strategy_options.{s}: {e}") from None
     _check_grid(cfg, where)

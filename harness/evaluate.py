@@ -109,22 +109,27 @@ def head_metrics(model, images, labels, batch_size: int = 256) -> dict[str, floa
 
 
 def mc_metrics(model, images, labels, k: int, alphas_cumprod, seed: int,
-               teacher: dict[str, Any] | None = None) -> tuple[dict[str, float], int]:
+               estimate=None) -> tuple[dict[str, float], int]:
     """Zero-shot diffusion-classifier top-1 (Li et al. 2023) with K shared draws, binomial stderr
     over the images, and the quality of its posterior as a teacher (NLL, ECE, mean max
-    probability, entropy; top-1 is mc_acc); B·K·C evaluations. ``teacher``: mc_posterior's
-    estimator options (tau_mc, scale, weight, prior) as the training teacher uses them."""
+    probability, entropy; top-1 is mc_acc). ``estimate(eps_fn, images, generator) -> (McResult,
+    τ)``: the training teacher's estimator and τ (harness.step.Step.eval_estimate); default the
+    forward estimator at τ = 1 with B·K·C evaluations."""
     gen = torch.Generator(device=images.device).manual_seed(seed)
-    res = mc_posterior(eps_fn(model), images, model.num_classes, k,
-                       alphas_cumprod.to(images.device), generator=gen, **(teacher or {}))
+    tau = None
+    if estimate is None:
+        res = mc_posterior(eps_fn(model), images, model.num_classes, k,
+                           alphas_cumprod.to(images.device), generator=gen)
+    else:
+        res, tau = estimate(eps_fn(model), images, gen)
     acc = top1(res.pred, labels)
     q = teacher_quality(res.probs, labels)
     out = {"mc_acc": acc, "mc_acc_stderr": binomial_stderr(acc, images.shape[0]),
            "mc_evals_per_image": res.evals / images.shape[0],
            "teacher_nll": q["nll"], "teacher_ece": q["ece"], "teacher_max_prob": q["mean_max_prob"],
            "teacher_entropy": q["mean_entropy"]}
-    if teacher and "tau_mc" in teacher:
-        out["teacher_tau"] = float(teacher["tau_mc"])
+    if tau is not None:
+        out["teacher_tau"] = float(tau)
     return out, res.evals
 
 
@@ -162,7 +167,7 @@ def sample_metrics(model, images, ref_net, per_class: int, steps: int, guidance_
 def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: int = 8,
              mc_images: int = 64, sample_per_class: int = 10, ddim_steps: int = 20,
              guidance_scale: float = 1.0, seed: int = 0, alphas_cumprod,
-             grid_path=None, teacher: dict[str, Any] | None = None) -> dict[str, float]:
+             grid_path=None, estimate=None) -> dict[str, float]:
     """All held-out metrics of one trial (perc_model is gen_model for joint training).
 
     eval_network_evals counts per-sample network forwards: MC (B·K·C) + sampling (N·steps, ×2 with
@@ -174,7 +179,7 @@ def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: in
         out.update(head_metrics(perc_model, val_images, val_labels))
         n_mc = min(mc_images, val_images.shape[0])
         mc, mc_evals = mc_metrics(gen_model, val_images[:n_mc], val_labels[:n_mc], mc_k,
-                                  alphas_cumprod, seed, teacher)
+                                  alphas_cumprod, seed, estimate)
         held, held_evals = heldout_metrics(gen_model, val_images, val_labels, alphas_cumprod)
         gen, gen_evals = sample_metrics(gen_model, val_images, ref_net, sample_per_class, ddim_steps,
                                         guidance_scale, seed, grid_path)

@@ -29,7 +29,7 @@ def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, devic
                    step: int | None = None) -> dict[str, float]:
     """Held-out metrics; the sample grid goes to ``samples.png`` at the end of the trial and to
     ``samples-step000100.png`` and so on for the evaluations during training (``step``)."""
-    from harness.evaluate import eps_fn, evaluate, reference_classifier
+    from harness.evaluate import evaluate, reference_classifier
 
     out: dict[str, float] = {}
     if shard.rank == 0:
@@ -43,11 +43,11 @@ def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, devic
         gen = nets.get("joint", nets.get("generation")).model
         name = "samples.png" if step is None else f"samples-step{step:06d}.png"
         grid = Path(urls["trial_dir"]) / name if urls.get("trial_dir") else None
-        teacher = step_fn.eval_teacher(eps_fn(gen), e.mc_k, step)
         out = evaluate(perc, gen, val_x.to(device), val_y.to(device), ref, mc_k=e.mc_k,
                        mc_images=e.mc_images, sample_per_class=e.samples_per_class,
                        ddim_steps=e.ddim_steps, guidance_scale=e.guidance_scale, seed=0,
-                       alphas_cumprod=step_fn.alphas_cumprod, grid_path=grid, teacher=teacher)
+                       alphas_cumprod=step_fn.alphas_cumprod, grid_path=grid,
+                       estimate=step_fn.eval_estimate(e.mc_k, step))
         acc, n = float(info["ref_val_acc"]), int(info.get("ref_val_n", len(val_y)))  # older caches: no n
         out |= {"ref_val_acc": acc, "ref_val_acc_stderr": binomial_stderr(acc, n)}
         out.update(cost_counts(step_fn))

@@ -9,6 +9,7 @@ and the reports ask this module, never compare a strategy name with "separate".
 from __future__ import annotations
 
 from genrep import strategies
+from genrep.strategies.registry import task_weights_option
 
 # arms that are a training mode of their own rather than a combination rule in the joint mode
 STANDALONE = ("separate",)
@@ -26,3 +27,18 @@ def known_strategies() -> list[str]:
 
 def is_joint(strategy: str) -> bool:
     return mode_of(strategy) == "joint"
+
+
+def check_options(strategy: str, options: dict) -> dict:
+    """The arm's options, defaults filled in and checked (TypeError/ValueError naming the option).
+
+    A rule checks its own; ``separate`` takes only ``task_weights`` (nothing is shared, so the
+    weights only scale each network's loss, which Adam's normalisation mostly undoes: accepted
+    for a like-for-like arm, docs/method.md).
+    """
+    if is_joint(strategy):
+        return strategies.get(strategy).check_options(options)
+    unknown = sorted(set(options) - {"task_weights"})
+    if unknown:
+        raise TypeError(f"strategy {strategy!r}: unknown option(s) {unknown}; known: task_weights")
+    return {"task_weights": task_weights_option(options.get("task_weights", (1.0, 1.0)), strategy)}

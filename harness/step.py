@@ -20,13 +20,14 @@ from genrep import strategies
 from genrep.diffusion import draw_denoising, make_scheduler
 from genrep.losses import generation_loss, perception_loss
 from genrep.model import GenRepModel, build_model
-from genrep.posterior import draw_mc, fit_temperature, mc_posterior
+from genrep.posterior import McResult, draw_mc, fit_temperature, mc_posterior
+from genrep.reverse_chain import draw_chain_noise, reverse_chain_posterior
 from genrep.registry import Registry
 from genrep.strategies.telemetry import summarize
 from harness import engine as ds
 from harness import parallel
 from harness.config import TrialConfig
-from harness.modes import mode_of
+from harness.modes import check_options, mode_of
 from harness.parallel import Shard, step_generator  # noqa: F401  (re-exported for callers)
 
 
@@ -114,17 +115,49 @@ class Step:
             raise RuntimeError("method.mc.tau: auto needs calibration images (Step.calibration; "
                                "harness.worker.prepare_teacher sets them)")
         x, y = self.calibration
-        res = mc_posterior(eps_fn, x, self.num_classes, k, self.alphas_cumprod,
-                           generator=step_generator(self.cfg.seed, step, "calibrate"),
-                           **self.mc_options())
+        res = self.estimate(eps_fn, x, 1.0, step_generator(self.cfg.seed, step, "calibrate"), k=k)
         return fit_temperature(-res.errors, y, prior=self.prior)
 
-    def eval_teacher(self, eps_fn, k: int, step: int | None) -> dict[str, Any]:
-        """The estimator settings for a held-out evaluation of the zero-shot classifier ``eps_fn``:
-        τ fitted afresh for this network and K ("auto"), else the configured τ."""
+    def estimate(self, eps_fn, x, tau: float, g: torch.Generator, rows: slice | None = None,
+                 k: int | None = None, prune: bool = False) -> McResult:
+        """The teacher's estimator (``mc.estimator``) on images x at temperature τ.
+
+        Its randomness comes from ``g``: drawn for W·n images and sliced to this rank's ``rows``
+        when given (so W ranks draw what one rank on the whole batch draws), else for x alone.
+        ``forward``: genrep.posterior.mc_posterior with K draws (``k``, default mc.k), pruned when
+        ``prune`` and mc.prune_k < K; ``reverse_chain``: genrep.reverse_chain_posterior with
+        mc.chain_steps, burn_in, thin, eta (its errors are on the Bayes scale by construction).
+        """
+        mc, shape = self.cfg.method.mc, tuple(x.shape[1:])
+        total = x.shape[0] * (self.shard.world if rows is not None else 1)
+        take = (lambda v: v[rows].to(self.device)) if rows is not None else (lambda v: v.to(self.device))
+        if mc.estimator == "reverse_chain":
+            noise = take(draw_chain_noise(mc.chain_steps, total, shape, g))
+            return reverse_chain_posterior(eps_fn, x, self.num_classes, self.alphas_cumprod,
+                                           steps=mc.chain_steps, burn_in=mc.burn_in, thin=mc.thin,
+                                           tau_mc=tau, eta=mc.eta, noise=noise,
+                                           chunk_size=mc.chunk_size, prior=self.prior)
+        k = k or mc.k
+
+        def draw(n: int):
+            t, eps = draw_mc(n, total, shape, len(self.alphas_cumprod), g)
+            return take(t), take(eps)
+
+        prune = prune and mc.prune_keep is not None and mc.prune_k < k
+        return mc_posterior(eps_fn, x, self.num_classes, k, self.alphas_cumprod, tau_mc=tau,
+                            draw=draw, prune_k=mc.prune_k if prune else None,
+                            prune_keep=mc.prune_keep if prune else None, **self.mc_options())
+
+    def eval_estimate(self, k: int, step: int | None):
+        """``estimate(eps_fn, images, generator) -> (McResult, τ)`` for a held-out evaluation of a
+        zero-shot classifier: the teacher's estimator with K = ``k`` and τ fitted afresh for that
+        network and K ("auto"), else the configured τ."""
         mc = self.cfg.method.mc
-        tau = self.fit_tau(eps_fn, k, -1 if step is None else step) if mc.tau == "auto" else float(mc.tau)
-        return {"tau_mc": tau, **self.mc_options()}
+
+        def estimate(eps_fn, images, generator):
+            tau = self.fit_tau(eps_fn, k, -1 if step is None else step) if mc.tau == "auto" else float(mc.tau)
+            return self.estimate(eps_fn, images, tau, generator, k=k), tau
+        return estimate
 
     def generation_loss(self, model: GenRepModel, x, y, step: int):
         """genrep's L_gen on this rank's rows of draws made for the global batch."""
@@ -146,18 +179,10 @@ class Step:
         if m.beta_kd == 0 or step % mc.every:
             return x.new_zeros(0, self.num_classes), {"mc_evals": 0.0}
         n = max(1, round(mc.subset * x.shape[0]))
-        g = step_generator(self.cfg.seed, step, "mc")
         rows = slice(self.shard.rank * n, (self.shard.rank + 1) * n)
-
-        def draw(k: int):
-            t, eps = draw_mc(k, n * self.shard.world, tuple(x.shape[1:]), len(self.alphas_cumprod), g)
-            return t[rows].to(self.device), eps[rows].to(self.device)
-
         tau = self.teacher_tau(teacher, step)
-        prune = mc.prune_keep is not None and mc.prune_k < mc.k
-        res = mc_posterior(teacher.eps, x[:n], self.num_classes, mc.k, self.alphas_cumprod,
-                           tau_mc=tau, draw=draw, prune_k=mc.prune_k if prune else None,
-                           prune_keep=mc.prune_keep if prune else None, **self.mc_options())
+        res = self.estimate(teacher.eps, x[:n], tau, step_generator(self.cfg.seed, step, "mc"),
+                            rows=rows, prune=True)
         finite = res.stderr[torch.isfinite(res.stderr)]
         return res.probs, {"mc_evals": float(res.evals), "teacher_tau": float(tau),
                            "mc_stderr": float(finite.mean()) if finite.numel() else 0.0}
@@ -268,7 +293,7 @@ class SeparateStep(Step):
         loss_p, mp = self.perception_loss(self.perc.model, x, y, q)
         loss_g, mg = self.generation_loss(self.gen.model, x, y, step)
         check_finite(step, loss_perc=loss_p, loss_gen=loss_g)
-        w_p, w_g = self.cfg.strategy.options.get("task_weights", (1.0, 1.0))
+        w_p, w_g = check_options(self.cfg.strategy.name, self.cfg.strategy.options)["task_weights"]
         for net, loss in ((self.perc, w_p * loss_p), (self.gen, w_g * loss_g)):
             parallel.backward(net.engine, loss)
             parallel.optimizer_step(net.engine)

@@ -38,7 +38,10 @@ ARMS = {"sum": ("sum", "vector", {}, OLD_TEACHER), "pcgrad": ("pcgrad", "vector"
         "genrep_cos": ("genrep", "vector", {"damping": 0.3, "rule": "cos"}, OLD_TEACHER),
         "genrep_bayes": ("genrep", "vector", {}, {}),
         # the field's methods through torchjd: one stateless (a QP per segment), one stateful
-        "upgrad": ("upgrad", "vector", {}, OLD_TEACHER), "gradvac": ("gradvac", "vector", {}, OLD_TEACHER)}
+        "upgrad": ("upgrad", "vector", {}, OLD_TEACHER), "gradvac": ("gradvac", "vector", {}, OLD_TEACHER),
+        # GenRep's reverse-chain teacher: each rank takes its rows of the global chain noise
+        "sum_chain_bayes": ("sum", "vector", {}, {"estimator": "reverse_chain", "chain_steps": 6,
+                                                   "burn_in": 2, "thin": 2})}
 
 
 def global_batches(steps: int):
