@@ -94,7 +94,7 @@ def cmd_perf(args) -> int:
     from pathlib import Path
 
     from harness.config import load
-    from harness.perf import IDS, Settings, plain_text, run_perf, write_all
+    from harness.perf import IDS, Settings, keep_others, markdown, run_perf, write_all
 
     ids = [i.strip() for i in (args.only or ",".join(IDS)).split(",") if i.strip()]
     skip = {i.strip() for i in (args.skip or "").split(",") if i.strip()}
@@ -102,25 +102,16 @@ def cmd_perf(args) -> int:
     if unknown:
         print(f"error: unknown perf id(s) {unknown}; known: {list(IDS)}", file=sys.stderr)
         return 2
-    quick = dict(repeats=3, warmup=1, p3b_steps=100, p3b_images=64, p3b_seeds=1, acc_seeds=1) if args.quick else {}
+    quick = dict(repeats=3, warmup=1, p3b_steps=100, p3b_images=64, p3b_seeds=1, p5_steps=20) if args.quick else {}
     given = {k: v for k, v in (("repeats", args.repeats), ("p3b_steps", args.p3b_steps),
                                 ("p5_steps", args.p5_steps)) if v is not None}
     settings = Settings(sweep=load(args.sweep), ids=tuple(i for i in ids if i not in skip),
                         quick=args.quick, threads=args.threads, out=args.out, **{**quick, **given})
-    if args.profile:
-        from harness.perf.output import write_atomic
-        from harness.perf.steps import profile
-
-        write_atomic(Path(args.out) / "profile.txt", profile(settings))
-        print(Path(args.out) / "profile.txt")
-        return 0
     rows, meta = run_perf(settings)
     if args.update:
-        from harness.perf import keep_others
-
         rows = keep_others(Path(args.out), rows, meta)
     paths = write_all(Path(args.out), rows, meta)
-    print(plain_text(rows, meta))
+    print(markdown(rows, meta))
     print(paths["perf.md"])
     return 1 if any(r.what == "(failed)" for r in rows) else 0
 
@@ -184,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_report, verbose=False)
     s = sub.add_parser("perf", help="measure the harness's cost against its targets (P1-P7)")
     s.add_argument("--quick", action="store_true",
-                   help="few rounds, short P3b training; P5/P7 not run (P7: last measured)")
+                   help="few rounds, short P3b training and P5 trials; P7 not run (--update keeps "
+                        "the last figure)")
     s.add_argument("--repeats", type=int, help="timed rounds per configuration (default 7, quick 3)")
     s.add_argument("--out", default="results/perf", help="where perf.csv/.md/.json go")
     s.add_argument("--sweep", default="sweeps/smoke.yaml", help="the sweep whose trial is measured")
@@ -196,8 +188,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--p3b-steps", type=int, help="training steps of the P3b model (0 = untrained)")
     s.add_argument("--p5-steps", type=int,
                    help="training steps of each P5 trial (default: the smoke sweep's 120)")
-    s.add_argument("--profile", action="store_true",
-                   help="only write torch.profiler tables of the P1/P2 steps to <out>/profile.txt")
     s.set_defaults(fn=cmd_perf, verbose=False)
     return p
 

@@ -1,31 +1,32 @@
-"""What every perf measurement shares: settings, result rows, the machine's description, timing.
+"""What every perf measurement shares: settings, rows, the machine, configs, processes, timing.
 
-Timing method (STYLE.md, principle 8): every configuration of a comparison is built first, warmed
-up, then timed in *interleaved* blocks (A, B, C, A, B, C, ... with the order rotated each round),
-so a burst of load from other processes on this shared machine hits every configuration alike;
-the reported time is the median over rounds of the per-step time within a block. A block is a
-whole number of teacher periods (``mc.every`` steps), so a step time includes the teacher's
-amortised cost exactly.
+Timing (docs/performance.md, *Method*): every configuration is built and warmed up first, then
+timed in *interleaved* rounds (A, B, C, B, C, A, ...), so a burst of load from elsewhere hits
+every configuration alike; the figure is the median over rounds of a block's per-step time.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import os
 import platform
+import resource
 import socket
-import statistics
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import median
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from harness.config import SweepConfig, TrialConfig, apply_overrides
+from harness.config import McConfig, SweepConfig, TrialConfig, apply_overrides
 
-IDS = ("P1", "P2", "P2dp", "P3", "P3b", "P3acc", "P4", "P5", "P6", "P7")
+IDS = ("P1", "P2", "P2dp", "P3", "P3b", "P4", "P5", "P6", "P7")
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,7 @@ class Settings:
     p3b_batch: int = 64
     p3b_images: int | None = None  # held-out images P3b scores (None: all of val + test)
     p3b_seeds: int = 3
-    acc_steps: int = 40  # P3acc: fine-tuning steps per teacher setting
-    # P3acc: paired seeds; a 40-step head's top-1 moves ±1 point from seed to seed, so 3 seeds
-    # left the paired difference's standard error at ~0.6 points against a 1-point target
-    acc_seeds: int = 5
-    p5_steps: int | None = None  # each P5 trial's length (None: the smoke sweep's 120; quick 20)
+    p5_steps: int = 120  # each P5 trial's length: the smoke sweep's (--quick: 20)
     out: str = "results/perf"
 
 
@@ -70,11 +67,14 @@ class Row:
         ok = self.measured <= self.target if self.op == "<=" else self.measured >= self.target
         return bool(ok and self.extra_ok)
 
+    @property
+    def target_text(self) -> str:
+        return "—" if self.op == "info" else f"{'≤' if self.op == '<=' else '≥'} {self.target:g}"
+
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "ratio": self.what, "measured": self.measured,
-                "target": "—" if self.op == "info" else f"{'≤' if self.op == '<=' else '≥'} {self.target:g}",
-                "op": self.op, "target_value": self.target, "extra_ok": self.extra_ok,
-                "pass": self.passed, "raw": self.raw, "note": self.note}
+                "target": self.target_text, "op": self.op, "target_value": self.target,
+                "extra_ok": self.extra_ok, "pass": self.passed, "raw": self.raw, "note": self.note}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Row":
@@ -84,61 +84,47 @@ class Row:
 
 
 # ---------------------------------------------------------------- the machine
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
 def environment() -> dict[str, Any]:
     """Versions, threads, CPU: what a reader needs to compare two perf runs."""
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import version
 
-    vers = {}
-    for pkg in ("torch", "deepspeed", "ray", "diffusers", "webdataset"):
-        try:
-            vers[pkg] = version(pkg)
-        except PackageNotFoundError:
-            vers[pkg] = None
-    return {"versions": vers, "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(),
-            "cpu_model": cpu_model(), "cpus": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "host": platform.node(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or "unknown")
+    return {"versions": {p: version(p) for p in ("torch", "deepspeed", "ray", "diffusers", "webdataset")},
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "cpu_model": cpu, "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 # ---------------------------------------------------------------- configs
 def trial(settings: Settings, strategy: str = "sum", **overrides: Any) -> TrialConfig:
     """The sweep's trial for ``strategy`` (first seed) with dotted-path ``overrides``."""
-    cfg = settings.sweep.trial(strategy, settings.sweep.seeds[0])
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(settings.sweep.trial(strategy, settings.sweep.seeds[0]), overrides)
 
 
-def teacher_off() -> dict[str, Any]:
-    return {"method.beta_kd": 0.0}
+# the distillation teacher, as trial overrides: off; the shipped default (β = 1 and every
+# McConfig default); full (K = 8 draws on every class, every step, whole batch: B·K·C forwards)
+TEACHERS = {"off": {"method.beta_kd": 0.0},
+            "kd": {"method.beta_kd": 1.0, "method.mc": McConfig()},
+            "full": {"method.beta_kd": 1.0,
+                     "method.mc": McConfig(k=8, every=1, subset=1.0, prune_k=None, prune_keep=None)}}
 
 
-def teacher_default() -> dict[str, Any]:
-    """The shipped teacher: β = 1 and every McConfig default."""
-    from harness.config import McConfig
+def plain(sweep: SweepConfig) -> dict[str, Any]:
+    """The sweep as a plain, YAML-safe mapping (no grid, variants or search), re-validatable."""
+    raw = {k: v for k, v in asdict(sweep).items() if k not in ("grid", "variants", "search", "source_file")}
+    return json.loads(json.dumps(raw))  # tuples → lists
 
-    return {"method.beta_kd": 1.0, "method.mc": McConfig()}
 
-
-def teacher_full(k: int = 8) -> dict[str, Any]:
-    """Every step, whole batch, no pruning: B·K·C teacher forwards per step."""
-    from harness.config import McConfig
-
-    return {"method.beta_kd": 1.0,
-            "method.mc": McConfig(k=k, every=1, subset=1.0, prune_k=None, prune_keep=None)}
+def synthetic_batch(cfg: TrialConfig, n: int | None = None):
+    """``n`` (x, y) of the trial's shape (a batch): a step's cost does not depend on pixel values."""
+    m, g, n = cfg.model_config(), torch.Generator().manual_seed(0), n or cfg.train.batch_size
+    x = torch.rand((n, m.channels, m.image_size, m.image_size), generator=g) * 2 - 1
+    return x, torch.randint(0, m.num_classes, (n,), generator=g)
 
 
 # ---------------------------------------------------------------- processes
@@ -159,79 +145,98 @@ def process_group(rank: int = 0, world: int = 1, port: int | None = None):
                WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from harness.engine import prepare_environment
+    from harness.engine import destroy_process_group, prepare_environment
 
     prepare_environment()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         yield
     finally:
-        from harness.engine import destroy_process_group
-
         dist.barrier()
-        destroy_process_group()
+        destroy_process_group()  # also removes DeepSpeed's 67 MB shm workspace (docs/reliability.md)
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def synthetic_batch(cfg: TrialConfig, batch: int | None = None, seed: int = 0):
-    """(x, y) of the trial's shape: a step's cost does not depend on the pixel values."""
-    m = cfg.model_config()
-    g = torch.Generator().manual_seed(seed)
-    n = batch or cfg.train.batch_size
-    x = torch.rand((n, m.channels, m.image_size, m.image_size), generator=g) * 2 - 1
-    return x, torch.randint(0, m.num_classes, (n,), generator=g)
+def _gathered_rank(rank: int, fn: Callable, world: int, port: int, out: str, args: tuple) -> None:
+    torch.set_num_threads(1)  # as a Train worker with cpus_per_worker 0.99
+    with process_group(rank, world, port):
+        gathered = [None] * world
+        dist.all_gather_object(gathered, fn(rank, world, *args))
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+
+
+def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+    """``fn(rank, world, *args)`` in ``world`` fresh spawned processes sharing one gloo group:
+    each rank's (JSON-able) result, in rank order. ``fn`` must be a module-level function."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="genrep-perf-") as tmp:
+        out = Path(tmp, "ranks.json")
+        mp.spawn(_gathered_rank, args=(fn, world, free_port(), str(out), args), nprocs=world, join=True)
+        return json.loads(out.read_text())
+
+
+def status_mb(field: str) -> float:
+    """A figure of /proc/self/status (VmRSS, VmHWM) in MiB (the kernel reports KiB)."""
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":")), float("nan"))
+
+
+def peak_of(run: Callable[[], Any]) -> dict[str, Any]:
+    """RSS before ``run()`` (``setup_rss_mb``: imports, model, engine, optimizer) and its peak
+    during it, in a process of its own: peak RSS only grows and freed heap pages stay resident,
+    so configurations run in one process would hide each other's peaks.
+
+    ``echo 5 > /proc/self/clear_refs`` (Linux ≥ 4.0) resets the high-water mark VmHWM to the
+    current RSS first: set-up's own peak (1,069 MiB here, against ~0.47 GiB once built) was every
+    configuration's ``ru_maxrss``, which is the fallback (``peak_reset`` False) where it fails."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    setup = status_mb("VmRSS")
+    run()
+    peak = status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"setup_rss_mb": setup, "peak_rss_mb": peak, "step_peak_mb": peak - setup, "peak_reset": reset}
 
 
 # ---------------------------------------------------------------- timing
-StepFn = Callable[[torch.Tensor, torch.Tensor, int], Any]
-
-
 @dataclass
 class Timed:
-    """A step function to time, its batch, and how many steps make one block."""
+    """A step ``fn(x, y, step)``, its batch, its steps per block, and each timed block's s/step."""
 
-    fn: StepFn
+    fn: Callable[[torch.Tensor, torch.Tensor, int], Any]
     x: torch.Tensor
     y: torch.Tensor
     block: int = 1
-    next_step: int = 0
+    step: int = 0
+    wall: list[float] = field(default_factory=list)
 
-    cpu: list[float] = field(default_factory=list)  # process CPU seconds per step, per block
-
-    def run_block(self) -> float:
-        """Wall seconds per step over one block of consecutive steps (CPU seconds kept aside)."""
-        start, cpu = time.perf_counter(), time.process_time()
+    def run_block(self, timed: bool = True) -> None:
+        start = time.perf_counter()
         for _ in range(self.block):
-            self.fn(self.x, self.y, self.next_step)
-            self.next_step += 1
-        self.cpu.append((time.process_time() - cpu) / self.block)
-        return (time.perf_counter() - start) / self.block
+            self.fn(self.x, self.y, self.step)
+            self.step += 1
+        if timed:
+            self.wall.append((time.perf_counter() - start) / self.block)
 
 
-def time_interleaved(configs: dict[str, Timed], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Per-step wall seconds of every round for every configuration (see the module docstring).
-
-    Each configuration's process CPU seconds per step are kept in ``Timed.cpu`` (rounds only):
-    with one torch thread, CPU time is nearly blind to other processes on the machine, so it
-    cross-checks a wall-clock ratio taken under load.
-    """
+def time_interleaved(configs: dict[str, Timed], repeats: int, warmup: int) -> dict[str, Timed]:
+    """``warmup`` untimed blocks of each configuration, then ``repeats`` timed rounds of one block
+    each, in an order rotated every round (no position bias; see the module docstring)."""
     names = list(configs)
     for name in names:
         for _ in range(warmup):
-            configs[name].run_block()
-        configs[name].cpu.clear()
-    times: dict[str, list[float]] = {n: [] for n in names}
+            configs[name].run_block(timed=False)
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no position bias
-        for name in order:
-            gc.collect()
-            times[name].append(configs[name].run_block())
-    return times
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            gc.collect()  # a collection due now is not charged to whichever block comes next
+            configs[name].run_block()
+    return configs
 
 
 def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
@@ -241,17 +246,5 @@ def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
             "paired_min": paired[0], "paired_max": paired[-1]}
 
 
-def timing_raw(times: list[float], cpu: list[float] | None = None) -> dict[str, float]:
-    out = {"median_s": median(times), "min_s": min(times), "max_s": max(times), "rounds": len(times)}
-    return {**out, "cpu_median_s": median(cpu)} if cpu else out
-
-
-def plain(sweep: SweepConfig) -> dict[str, Any]:
-    """The sweep as a plain, YAML-safe mapping (no grid, variants or search), re-validatable."""
-    import json
-    from dataclasses import asdict
-
-    raw = asdict(sweep)
-    for key in ("grid", "variants", "search", "source_file"):
-        raw.pop(key)
-    return json.loads(json.dumps(raw))  # tuples → lists
+def timing_raw(t: Timed) -> dict[str, float]:
+    return {"median_s": median(t.wall), "min_s": min(t.wall), "max_s": max(t.wall), "rounds": len(t.wall)}

@@ -1,11 +1,7 @@
-"""P1, P2, P3: the cost of one training step, harness against bare PyTorch and configuration
-against configuration, all timed interleaved in one process with real DeepSpeed engines.
-
-P1  harness step (``JointStep``, ``sum``, DeepSpeed engine as the worker builds it) ÷ a bare loop
-    (same GenRepModel, same losses, same AdamW, no DeepSpeed, no harness);
-P2  ``genrep`` and ``pcgrad`` ÷ ``sum`` (distillation off, and with the shipped default teacher);
-P3  ``sum`` with the shipped default teacher ÷ ``sum`` without, and full K=8 every step beside it,
-    with each configuration's peak memory from a fresh subprocess (harness.perf.memory).
+"""P1-P3: the cost of one training step, every configuration timed interleaved in one process
+with real DeepSpeed engines, and the peak memory of each in a fresh process (common.peak_of).
+P1 harness ``sum`` step ÷ a bare loop (same model, losses, AdamW); P2 ``genrep`` and ``pcgrad`` ÷
+``sum``, teacher off and on; P3 the shipped teacher ÷ none, with the full K = 8 teacher beside it.
 """
 from __future__ import annotations
 
@@ -16,12 +12,11 @@ import torch
 from genrep.diffusion import make_scheduler
 from genrep.losses import cross_entropy, denoising_loss_given
 from genrep.model import build_model
-from harness.config import TrialConfig
+from harness.config import TrialConfig, trial_from_dict
 from harness.engine import zero_stage
-from harness.perf.common import (Row, Settings, Timed, median, process_group, ratio_stats,
-                                 synthetic_batch, teacher_default, teacher_full, teacher_off,
-                                 time_interleaved, timing_raw, trial)
-from harness.perf.memory import measure_memory
+from harness.perf.common import (TEACHERS, Row, Settings, Timed, median, peak_of, process_group,
+                                 ratio_stats, spawn_ranks, synthetic_batch, time_interleaved,
+                                 timing_raw, trial)
 
 
 class BareLoop:
@@ -54,18 +49,11 @@ class BareLoop:
 
 
 def step_configs(settings: Settings) -> dict[str, tuple[str, TrialConfig]]:
-    """name -> (kind, trial config): every configuration P1-P3 time, built from the sweep's trial."""
-    off, kd, full = teacher_off(), teacher_default(), teacher_full()
-    base = trial(settings, "sum", **off)
-    configs = {"bare": ("bare", base), "sum_off": ("harness", base)}
-    if base.deepspeed.zero_stage != 0:  # what one rank would pay to keep the stage (P1, info)
-        configs["sum_off_keep"] = ("harness", trial(settings, "sum", **off,
-                                                    **{"deepspeed.zero_on_one_rank": True}))
-    for name in ("genrep", "pcgrad"):
-        configs[f"{name}_off"] = ("harness", trial(settings, name, **off))
-    for name in ("sum", "genrep", "pcgrad"):
-        configs[f"{name}_kd"] = ("harness", trial(settings, name, **kd))
-    configs["sum_full"] = ("harness", trial(settings, "sum", **full))
+    """name -> (kind, trial config): every configuration P1-P3 time, from the sweep's trial."""
+    configs = {"bare": ("bare", trial(settings, "sum", **TEACHERS["off"]))}
+    for name, teacher in (("sum", "off"), ("genrep", "off"), ("pcgrad", "off"), ("sum", "kd"),
+                          ("genrep", "kd"), ("pcgrad", "kd"), ("sum", "full")):
+        configs[f"{name}_{teacher}"] = ("harness", trial(settings, name, **TEACHERS[teacher]))
     return configs
 
 
@@ -74,114 +62,74 @@ def build(kind: str, cfg: TrialConfig):
 
     if kind == "bare":
         return BareLoop(cfg)
-    return make_step(cfg, Shard(0, 1, cfg.train.batch_size), torch.device("cpu"))
+    step_fn = make_step(cfg, Shard(0, 1, cfg.train.batch_size), torch.device("cpu"))
+    if cfg.method.mc.tau == "auto":  # τ fitted on labelled images (val ones in harness.worker);
+        n = cfg.method.mc.calibrate_images  # synthetic ones cost the same n·K·C forwards a fit
+        step_fn.calibration = synthetic_batch(cfg, n)
+    return step_fn
 
 
-def block_of(cfg: TrialConfig, default_block: int) -> int:
-    """Steps per timed block: whole teacher periods; one step where every step is alike."""
-    if cfg.method.beta_kd > 0 and cfg.method.mc.every == 1 and cfg.method.mc.subset == 1.0:
-        return 1  # full teacher every step: the costliest configuration, and all its steps alike
-    return default_block
+def block_of(cfg: TrialConfig) -> int:
+    """Steps per timed block: whole teacher periods (at least 4 steps), so a step's time includes
+    the teacher's amortised cost; 1 where every step runs the teacher (the costliest)."""
+    mc = cfg.method.mc
+    return 1 if cfg.method.beta_kd > 0 and mc.every == 1 and mc.subset == 1.0 else max(4, mc.every)
 
 
-def measure_steps(settings: Settings):
-    """Per-step wall and CPU seconds of every configuration, per round (interleaved, warm-up
-    excluded), and the configurations."""
-    configs = step_configs(settings)
-    default_block = max(4, trial(settings, **teacher_default()).method.mc.every)
+def measure_steps(settings: Settings, configs: dict[str, tuple[str, TrialConfig]]) -> dict[str, Timed]:
+    """Every configuration timed interleaved, after warm-up, in one process and one gloo group."""
     with process_group():
-        timed = {}
-        for name, (kind, cfg) in configs.items():
-            x, y = synthetic_batch(cfg)
-            timed[name] = Timed(build(kind, cfg), x, y, block_of(cfg, default_block))
-        times = time_interleaved(timed, settings.repeats, settings.warmup)
-    return times, {n: timed[n].cpu for n in timed}, configs
+        timed = {name: Timed(build(kind, cfg), *synthetic_batch(cfg), block_of(cfg))
+                 for name, (kind, cfg) in configs.items()}
+        return time_interleaved(timed, settings.repeats, settings.warmup)
 
 
-def step_rows(times: dict[str, list[float]], cpu: dict[str, list[float]],
-              configs: dict[str, tuple[str, TrialConfig]], memory: dict[str, dict]) -> list[Row]:
-    batch = configs["sum_off"][1].train.batch_size
+def _peak(rank: int, world: int, kind: str, trial_dict: dict, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    cfg = trial_from_dict(trial_dict)
+    step_fn, (x, y) = build(kind, cfg), synthetic_batch(cfg)
+    return peak_of(lambda: [step_fn(x, y, step) for step in range(steps)])
 
-    def raw(*names):
-        cpu_ratio = median(cpu[names[0]]) / median(cpu[names[1]])
-        return {**{n: {**timing_raw(times[n], cpu[n]), **memory.get(n, {})} for n in names},
-                "cpu_time_ratio": cpu_ratio}
+
+def measure_memory(configs: dict[str, tuple[str, TrialConfig]], steps: int, threads: int) -> dict[str, dict]:
+    """name -> peak_of's figures for ``steps`` steps, one fresh process after another."""
+    return {name: spawn_ranks(_peak, 1, kind, cfg.to_dict(), steps, threads)[0]
+            for name, (kind, cfg) in configs.items()}
+
+
+def step_rows(timed: dict[str, Timed], memory: dict[str, dict],
+              configs: dict[str, tuple[str, TrialConfig]]) -> list[Row]:
+    def row(row_id, what, a, b, op="info", target=float("nan"), note="", **extra) -> Row:
+        """a ÷ b, the ratio of median step times, with each side's timing and memory and the
+        paired per-round ratios."""
+        stats = ratio_stats(timed[a].wall, timed[b].wall)
+        raw = {n: {**timing_raw(timed[n]), **memory.get(n, {})} for n in (a, b)}
+        return Row(row_id, what, stats["ratio_of_medians"], op, target, {**raw, **stats, **extra}, note)
 
     base = configs["sum_off"][1]
     zero, runs = base.deepspeed.zero_stage, zero_stage(base, 1)
-    rows = [Row("P1", f"harness sum step (1 worker, DeepSpeed ZeRO-{zero}: stage {runs} on one rank) "
-                      f"÷ bare PyTorch loop",
-                ratio_stats(times["sum_off"], times["bare"])["ratio_of_medians"], "<=", 1.05,
-                {**raw("sum_off", "bare"), **ratio_stats(times["sum_off"], times["bare"]),
-                 "batch": batch, "zero_stage": zero, "zero_stage_run": runs})]
-    if "sum_off_keep" in times:
-        rows.append(Row("P1", f"harness sum step with ZeRO-{zero} kept on one rank ÷ bare PyTorch loop",
-                        median(times["sum_off_keep"]) / median(times["bare"]), "info", float("nan"),
-                        {**raw("sum_off_keep", "bare"), **ratio_stats(times["sum_off_keep"], times["bare"])},
-                        note="deepspeed.zero_on_one_rank: what one rank pays for a stage that "
-                             "partitions nothing; no target"))
-    for teacher, label in (("off", "distillation off"), ("kd", "default teacher")):
-        for name in ("genrep", "pcgrad"):
-            a, b = f"{name}_{teacher}", f"sum_{teacher}"
-            rows.append(Row("P2", f"{name} step ÷ sum step ({label})",
-                            median(times[a]) / median(times[b]), "<=", 1.10,
-                            {**raw(a, b), **ratio_stats(times[a], times[b])}))
+    rows = [row("P1", f"harness sum step (1 worker, DeepSpeed ZeRO-{zero}: stage {runs} on one rank) "
+                      f"÷ bare PyTorch loop", "sum_off", "bare", "<=", 1.05,
+                batch=base.train.batch_size, zero_stage=zero, zero_stage_run=runs)]
+    rows += [row("P2", f"{name} step ÷ sum step ({label})", f"{name}_{t}", f"sum_{t}", "<=", 1.10)
+             for t, label in (("off", "distillation off"), ("kd", "default teacher"))
+             for name in ("genrep", "pcgrad")]
     mc = configs["sum_kd"][1].method.mc
-    rows.append(Row("P3", f"step with default MC teacher (K={mc.k}, every={mc.every}, "
-                          f"subset={mc.subset:g}, prune {mc.prune_k}→{mc.prune_keep}) ÷ teacher off",
-                    median(times["sum_kd"]) / median(times["sum_off"]), "<=", 1.5,
-                    {**raw("sum_kd", "sum_off"), **ratio_stats(times["sum_kd"], times["sum_off"]),
-                     "teacher_evals_per_step": teacher_evals(configs["sum_kd"][1])}))
-    rows.append(Row("P3", "step with full teacher (K=8, every step, whole batch) ÷ teacher off",
-                    median(times["sum_full"]) / median(times["sum_off"]), "info", float("nan"),
-                    {**raw("sum_full", "sum_off"),
-                     "teacher_evals_per_step": teacher_evals(configs["sum_full"][1])},
-                    note="shown beside P3, no target"))
+    rows.append(row("P3", f"step with default MC teacher (K={mc.k}, every={mc.every}, subset="
+                          f"{mc.subset:g}, prune {mc.prune_k}→{mc.prune_keep}) ÷ teacher off",
+                    "sum_kd", "sum_off", "<=", 1.5))
+    rows.append(row("P3", "step with full teacher (K=8, every step, whole batch) ÷ teacher off",
+                    "sum_full", "sum_off", note="shown beside P3, no target"))
     return rows
 
 
-def teacher_evals(cfg: TrialConfig) -> float:
-    """Network evaluations of the teacher per training step, amortised over ``every`` steps."""
-    mc, c = cfg.method.mc, cfg.model_config().num_classes
-    n = max(1, round(mc.subset * cfg.train.batch_size))
-    per_image = mc.k * c
-    if mc.prune_keep is not None and mc.prune_k < mc.k and mc.prune_keep < c:
-        per_image = mc.prune_k * c + (mc.k - mc.prune_k) * mc.prune_keep
-    return n * per_image / mc.every
-
-
 def run(settings: Settings) -> tuple[list[Row], dict[str, Any]]:
-    """Rows P1-P3 and what P4 needs (the training step's images/s)."""
-    times, cpu, configs = measure_steps(settings)
-    mem_names = ["bare", "sum_off", "sum_kd", "sum_full"]
-    memory = measure_memory({n: configs[n] for n in mem_names}, steps=2 * max(4, configs["sum_kd"][1].method.mc.every),
-                            threads=settings.threads, parallel=settings.quick)
-    batch = configs["sum_off"][1].train.batch_size
-    shared = {"step_images_per_s": batch / median(times["sum_off"]),
-              "step_images_per_s_kd": batch / median(times["sum_kd"]), "batch": batch}
-    return step_rows(times, cpu, configs, memory), shared
-
-
-def profile(settings: Settings, names: tuple[str, ...] = ("bare", "sum_off", "genrep_off", "pcgrad_off"),
-            steps: int = 8, rows: int = 30) -> str:
-    """torch.profiler tables (self CPU time) of a few steps of each configuration, after warm-up:
-    where the time of a ratio that misses its target goes."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    torch.set_num_threads(settings.threads)
+    """Rows P1-P3, and what P4 needs (the training step's images/s)."""
     configs = step_configs(settings)
-    out = []
-    with process_group():
-        for name in names:
-            kind, cfg = configs[name]
-            fn, (x, y) = build(kind, cfg), synthetic_batch(cfg)
-            for step in range(2 * steps):  # warm-up
-                fn(x, y, step)
-            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                for step in range(2 * steps, 3 * steps):
-                    fn(x, y, step)
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-            out.append(f"===== {name}: {steps} steps\n{table}")
-    return "\n".join(out)
-
+    timed = measure_steps(settings, configs)
+    memory = measure_memory({n: configs[n] for n in ("bare", "sum_off", "sum_kd", "sum_full")},
+                            steps=2 * block_of(configs["sum_kd"][1]), threads=settings.threads)
+    batch = configs["sum_off"][1].train.batch_size
+    shared = {"step_images_per_s": batch / median(timed["sum_off"].wall),
+              "step_images_per_s_kd": batch / median(timed["sum_kd"].wall), "batch": batch}
+    return step_rows(timed, memory, configs), shared
