@@ -1,9 +1,6 @@
-"""``genrep-bench perf``: the harness's cost, measured against its targets (docs/performance.md).
-
-Modules: ``common`` (settings, rows, machine, processes, peak memory, interleaved timing),
-``steps`` (P1-P3), ``dataparallel`` (P2dp), ``mc`` (P3b), ``system`` (P4-P7), ``output`` (the
-table and its files). The investigations behind the doc's conclusions: scripts/investigations/.
-"""
+"""``genrep-bench perf``: the harness's cost against its targets (docs/performance.md): ``common``
+(settings, rows, processes, memory, timing), ``steps`` P1-P3, ``dataparallel`` P2dp, ``mc`` P3b,
+``system`` P4-P7, ``output`` the table. Investigations behind the doc: scripts/investigations/."""
 from __future__ import annotations
 
 import json

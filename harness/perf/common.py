@@ -64,21 +64,20 @@ class Row:
     def passed(self) -> bool | None:
         if self.op == "info" or not math.isfinite(self.measured):
             return None
-        ok = self.measured <= self.target if self.op == "<=" else self.measured >= self.target
-        return bool(ok and self.extra_ok)
+        return bool((self.measured <= self.target if self.op == "<=" else self.measured >= self.target)
+                    and self.extra_ok)
 
     @property
     def target_text(self) -> str:
         return "—" if self.op == "info" else f"{'≤' if self.op == '<=' else '≥'} {self.target:g}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "ratio": self.what, "measured": self.measured,
-                "target": self.target_text, "op": self.op, "target_value": self.target,
-                "extra_ok": self.extra_ok, "pass": self.passed, "raw": self.raw, "note": self.note}
+        return {"id": self.id, "ratio": self.what, "measured": self.measured, "target": self.target_text,
+                "op": self.op, "target_value": self.target, "extra_ok": self.extra_ok,
+                "pass": self.passed, "raw": self.raw, "note": self.note}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Row":
-        """The inverse of :meth:`as_dict` (perf.json rows)."""
+    def from_dict(cls, d: dict[str, Any]) -> "Row":  # the inverse of as_dict (perf.json rows)
         return cls(d["id"], d["ratio"], float(d["measured"]), d["op"], float(d["target_value"]),
                    d.get("raw", {}), d.get("note", ""), d.get("extra_ok", True))
 
@@ -180,8 +179,8 @@ def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
 
 def status_mb(field: str) -> float:
     """A figure of /proc/self/status (VmRSS, VmHWM) in MiB (the kernel reports KiB)."""
-    with open("/proc/self/status") as f:
-        return next((int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":")), float("nan"))
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return next((int(x.split()[1]) / 1024 for x in lines if x.startswith(field + ":")), float("nan"))
 
 
 def peak_of(run: Callable[[], Any]) -> dict[str, Any]:
@@ -192,10 +191,9 @@ def peak_of(run: Callable[[], Any]) -> dict[str, Any]:
     ``echo 5 > /proc/self/clear_refs`` (Linux ≥ 4.0) resets the high-water mark VmHWM to the
     current RSS first: set-up's own peak (1,069 MiB here, against ~0.47 GiB once built) was every
     configuration's ``ru_maxrss``, which is the fallback (``peak_reset`` False) where it fails."""
+    reset = True
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        reset = True
+        Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         reset = False
     setup = status_mb("VmRSS")

@@ -27,8 +27,7 @@ COLLECTIVES = {"all_reduce": 0, "reduce": 0, "broadcast": 0, "reduce_scatter_ten
 PAYLOAD_KWARGS = ("input", "input_tensor", "tensor", "input_list", "input_tensor_list")
 
 
-def payload_bytes(value: Any) -> int:
-    """Bytes of a tensor, or of a list of tensors."""
+def payload_bytes(value: Any) -> int:  # bytes of a tensor, or of a list of tensors
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     return sum(payload_bytes(v) for v in value) if isinstance(value, (list, tuple)) else 0

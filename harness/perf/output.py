@@ -37,9 +37,9 @@ def table_rows(rows: list[Row]) -> list[dict[str, str]]:
 
 
 def meta_line(meta: dict[str, Any]) -> str:
-    env = meta["environment"]
+    env, sections = meta["environment"], meta.get("section_seconds", {})
     vers = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    sections = ", ".join(f"{k} {v:.0f} s" for k, v in meta.get("section_seconds", {}).items())
+    sections = ", ".join(f"{k} {v:.0f} s" for k, v in sections.items())
     return (f"{env['date']} on {env['cpu_model']} ({env['cpus']} CPUs), torch threads "
             f"{env['torch_threads']} (interop {env['torch_interop_threads']}); {vers}.  \n"
             f"Load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']}; "
@@ -50,8 +50,7 @@ def meta_line(meta: dict[str, Any]) -> str:
 def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     lines = ["# genrep-bench perf", "", meta_line(meta), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in table_rows(rows):
-        lines.append("| " + " | ".join(r[c].replace("|", "/") for c in COLUMNS) + " |")
+    lines += ["| " + " | ".join(r[c].replace("|", "/") for c in COLUMNS) + " |" for r in table_rows(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -59,8 +58,8 @@ def csv_text(rows: list[Row]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
-    for r, t in zip(rows, table_rows(rows)):
-        w.writerow({**t, "measured": repr(float(r.measured)), "raw": json.dumps(r.raw, default=str)})
+    w.writerows({**t, "measured": repr(float(r.measured)), "raw": json.dumps(r.raw, default=str)}
+                for r, t in zip(rows, table_rows(rows)))
     return buf.getvalue()
 
 

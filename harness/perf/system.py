@@ -1,10 +1,6 @@
-"""P4-P7: the data loader, concurrent trials, ZeRO's memory saving, the smoke sweep's wall time.
-
-P4  loader images/s (PNG decode, 1 thread, no DataLoader workers, as ``num_workers: 0``) ÷ P1's step;
-P5  2 real Ray Tune trials through ``run_sweep`` on one embedded Ray: serial ÷ concurrent wall;
-P6  optimizer-state bytes per worker, ZeRO-2 ÷ ZeRO-0, real engines in 2 spawned gloo processes;
-P7  ``genrep-bench sweep sweeps/smoke.yaml`` in a fresh process (shards and reference cached).
-"""
+"""P4 loader images/s (PNG decode, 1 thread, ``num_workers: 0``) ÷ P1's step; P5 2 real Ray Tune
+trials (``run_sweep``, one embedded Ray): serial ÷ concurrent wall; P6 optimizer-state bytes per
+worker, ZeRO-2 ÷ ZeRO-0 (2 spawned gloo processes); P7 the smoke sweep's wall in a fresh process."""
 from __future__ import annotations
 
 import os
