@@ -28,9 +28,8 @@ def keep_others(out: Path, rows: list[Row], meta: dict[str, Any]) -> list[Row]:
     measured = {r.id for r in rows}
     date = earlier.get("meta", {}).get("environment", {}).get("date", "an earlier run")
     kept = [Row.from_dict(d) for d in earlier.get("rows", []) if d["id"] in IDS and d["id"] not in measured]
-    for row in kept:
-        if "kept from" not in row.note:
-            row.note = f"{row.note}; kept from the run of {date}".lstrip("; ")
+    for row in (r for r in kept if "kept from" not in r.note):
+        row.note = f"{row.note}; kept from the run of {date}".lstrip("; ")
     meta["kept_from"] = {"date": date, "ids": sorted({r.id for r in kept})}
     return sorted(rows + kept, key=lambda r: IDS.index(r.id))
 
@@ -68,7 +67,7 @@ def run_perf(settings: Settings) -> tuple[list[Row], dict[str, Any]]:
             ("P4", "P4" in ids, lambda: [system.p4_row(settings, shared)] if shared else []),
             ("P2dp", "P2dp" in ids, lambda: dataparallel.run(settings)),
             ("P6", "P6" in ids, lambda: [system.p6_row(settings)]),
-            ("P3b", "P3b" in ids, lambda: mc.run(settings)),
+            ("P3b", ids & {"P3b", "P3c"}, lambda: [r for r in mc.run(settings) if r.id in ids]),
             ("P5", "P5" in ids, lambda: [system.p5_row(settings)]),
             ("P7", "P7" in ids and not settings.quick, lambda: [system.p7_row()])]:
         if wanted:

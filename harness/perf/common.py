@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from harness.config import McConfig, SweepConfig, TrialConfig, apply_overrides
 
-IDS = ("P1", "P2", "P2dp", "P3", "P3b", "P4", "P5", "P6", "P7")
+IDS = ("P1", "P2", "P2dp", "P3", "P3b", "P3c", "P4", "P5", "P6", "P7")
 
 
 @dataclass(frozen=True)

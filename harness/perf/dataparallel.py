@@ -78,18 +78,16 @@ def _rank(rank: int, world: int, raw: dict, strategy: str, steps: int) -> dict[s
             times.append(time.perf_counter() - start)
         counter.active = False
 
-    return {**peak_of(run), "median_s": median(times),
-            "bytes_per_step": {k: v / steps for k, v in counter.bytes.items()},
-            "shared_params": sum(p.numel() for p in step_fn.shared), "segments": len(step_fn.shared)}
+    return {**peak_of(run), "median_s": median(times), "bytes_per_step": {k: v / steps for k, v in
+            counter.bytes.items()}, "shared_params": sum(p.numel() for p in step_fn.shared),
+            "segments": len(step_fn.shared)}
 
 
 def summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """Rank 0's time; the largest rank's memory and bytes (ranks send equal payloads)."""
-    return {"median_s": ranks[0]["median_s"],
-            "step_peak_mb": max(r["step_peak_mb"] for r in ranks),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
-            "collective_bytes_per_step": max(sum(r["bytes_per_step"].values()) for r in ranks),
-            "bytes_by_op": ranks[0]["bytes_per_step"]}
+    return {"median_s": ranks[0]["median_s"], "bytes_by_op": ranks[0]["bytes_per_step"],
+            **{k: max(r[k] for r in ranks) for k in ("step_peak_mb", "peak_rss_mb")},
+            "collective_bytes_per_step": max(sum(r["bytes_per_step"].values()) for r in ranks)}
 
 
 def expected_extra_bytes(d: int, segments: int, world: int, itemsize: int = 4) -> int:
@@ -105,8 +103,7 @@ def run(settings: Settings) -> list[Row]:
     gen, d = summary(ranks), ranks[0]["shared_params"]
     cfg = settings.sweep.trial("genrep", settings.sweep.seeds[0])
     segments = ranks[0]["segments"] if cfg.strategy.granularity == "tensor" else 1
-    extra = gen["collective_bytes_per_step"] - sums["collective_bytes_per_step"]
-    extra_mb = gen["step_peak_mb"] - sums["step_peak_mb"]
+    extra, extra_mb = (gen[k] - sums[k] for k in ("collective_bytes_per_step", "step_peak_mb"))
     raw = {"sum": sums, "genrep": gen, "workers": world, "zero_stage": cfg.deepspeed.zero_stage,
            "steps": steps, "shared_params": d, "extra_collective_bytes_per_step": extra,
            "expected_extra_bytes_per_step": expected_extra_bytes(d, segments, world),

@@ -54,9 +54,9 @@ def p5_sweep(settings: Settings, out: Path, concurrent: int) -> dict[str, Any]:
 
 def warm_reference(settings: Settings) -> None:
     """Train (or load) the cached reference classifier now, so neither timed sweep pays for it."""
-    urls = prepare_data(settings.sweep)
-    val, train = load_split(urls[settings.sweep.eval.split]), load_split(urls["train"])
-    reference_classifier(Path(urls["cache"]) / "reference", urls["key"], *train, *val, seed=0)
+    urls, split = prepare_data(settings.sweep), settings.sweep.eval.split
+    reference_classifier(Path(urls["cache"]) / "reference", urls["key"], *load_split(urls["train"]),
+                         *load_split(urls[split]), seed=0)
 
 
 def p5_walls(settings: Settings) -> dict[int, float]:
@@ -102,18 +102,16 @@ def _p6_rank(rank: int, world: int, raw: dict) -> dict[str, int]:
             "deepspeed.zero_stage": zero, "method.beta_kd": 0.0, "train.batch_size": 2 * world})
         shard = Shard(rank, world, cfg.train.batch_size // world)
         step_fn = make_step(cfg, shard, torch.device("cpu"))
-        x, y = synthetic_batch(cfg)
-        step_fn(shard.take(x), shard.take(y), 0)  # AdamW's state exists after the first step
+        step_fn(*(shard.take(v) for v in synthetic_batch(cfg)), 0)  # AdamW's state exists after step 1
         result[f"zero{zero}"] = optimizer_state_bytes(step_fn.net.engine)
     return result
 
 
 def p6_row(settings: Settings) -> Row:
     ranks = spawn_ranks(_p6_rank, 2, plain(settings.sweep))
-    raw = {f"zero{z}_bytes_per_worker": [r[f"zero{z}"] for r in ranks] for z in (0, 2)}
+    raw = {f"zero{z}_bytes_per_worker": [r[f"zero{z}"] for r in ranks] for z in (0, 2)} | {"workers": 2}
     return Row("P6", "optimizer-state bytes per worker, ZeRO-2 ÷ ZeRO-0 (2 workers)",
-               max(raw["zero2_bytes_per_worker"]) / max(raw["zero0_bytes_per_worker"]), "<=", 0.55,
-               {**raw, "workers": 2})
+               max(raw["zero2_bytes_per_worker"]) / max(raw["zero0_bytes_per_worker"]), "<=", 0.55, raw)
 
 
 def p7_row() -> Row:
@@ -130,6 +128,6 @@ def p7_row() -> Row:
         wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"P7: the smoke sweep failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    raw = {"wall_s": wall, "load_before": load_before, "load_after": load_average(),
-           "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    return Row("P7", "smoke sweep wall time (minutes)", wall / 60, "<=", 10.0, raw)
+    return Row("P7", "smoke sweep wall time (minutes)", wall / 60, "<=", 10.0, {
+        "wall_s": wall, "load_before": load_before, "load_after": load_average(),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
