@@ -95,5 +95,27 @@ def pixel_accuracy(confusion: torch.Tensor) -> torch.Tensor:
     return m.diagonal().sum() / m.sum()
 
 
+def image_confusions(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """M_n for each image n, Long[N, K, K] (``confusion_matrix`` of image n alone); Σ_n M_n = M."""
+    return torch.stack([confusion_matrix(p, t, num_classes) for p, t in zip(pred, target)])
+
+
+def bootstrap_stderr(confusions: torch.Tensor, statistic, n_boot: int = 200, seed: int = 0) -> float:
+    """SE ≈ sd over b = 1..B of statistic(Σ_{n ∈ S_b} M_n), S_b N images drawn with replacement.
+
+    The bootstrap over images (Efron & Tibshirani 1993, ch. 6; seeded, B = 200): the image is the
+    unit of replication, since pixels of one image are far from independent. ``statistic`` maps a
+    summed confusion matrix to a number (``lambda m: miou(m)[0]``, ``pixel_accuracy``).
+    Cost: B sums of N K×K matrices, negligible beside the forwards.
+    """
+    n = confusions.shape[0]
+    if n_boot < 2 or n < 2:
+        return float("nan")
+    g = torch.Generator().manual_seed(seed)
+    m = confusions.cpu()
+    stats = [float(statistic(m[torch.randint(n, (n,), generator=g)].sum(0))) for _ in range(n_boot)]
+    return torch.tensor(stats, dtype=torch.float64).std().item()
+
+
 __all__ = ["pixel_cross_entropy", "soft_dice_loss", "segmentation_loss", "confusion_matrix",
-           "iou_per_class", "miou", "pixel_accuracy"]
+           "iou_per_class", "miou", "pixel_accuracy", "image_confusions", "bootstrap_stderr"]

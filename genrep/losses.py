@@ -102,3 +102,26 @@ def perception_loss(
         loss, metrics = loss + beta * kd, {**metrics, **m}
     metrics["acc"] = (logits.argmax(-1) == labels).float().mean()
     return loss, {**metrics, "loss_perc": loss.detach()}
+
+
+def multitask_perception_loss(terms: dict[str, tuple[torch.Tensor, dict]], weights: dict[str, float]):
+    """L_perc = Σ_k w_k·L_k over the enabled perception tasks k (docs/method.md, "Dense perception").
+
+    ``terms``: task → (L_k, metrics), e.g. ``{"classify": perception_loss(...), "segment":
+    genrep.dense.segmentation_loss(...)}``, so with both tasks L_perc = w_cls·(L_ce + β·L_kd) +
+    w_seg·L_seg. Metrics: every task's own and ``loss_perc`` = the weighted sum; with several
+    tasks the classification term's own ``loss_perc`` is renamed ``loss_cls``. A weight of 1 is
+    exact: one classification task gives bitwise the loss, gradient and metrics of
+    ``perception_loss`` alone.
+    """
+    if not terms:
+        raise ValueError("multitask_perception_loss needs at least one task")
+    loss, metrics = None, {}
+    for task, (term, m) in terms.items():
+        weighted = weights[task] * term
+        loss = weighted if loss is None else loss + weighted
+        m = dict(m)
+        if "loss_perc" in m and len(terms) > 1:
+            m["loss_cls"] = m.pop("loss_perc")
+        metrics |= m
+    return loss, {**metrics, "loss_perc": loss.detach()}

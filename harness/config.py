@@ -49,6 +49,10 @@ class DataConfig:
     shuffle_buffer: int = 256
     num_workers: int = 0  # DataLoader workers per Ray Train worker
     on_bad_sample: Literal["raise", "skip"] = "raise"
+    # shapes only: k shapes of distinct classes per image, or k drawn from [lo, hi] (docs/data.md);
+    # null packs the source's default (1) under the cache key it always had
+    shapes_per_image: int | tuple[int, int] | None = None
+    masks: bool = False  # stream the per-pixel class masks (method.perception.tasks: segment)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,26 @@ class McConfig:
 
 
 @dataclass(frozen=True)
+class TaskWeights:
+    classify: float = 1.0  # w_cls of L_perc = w_cls·(L_ce + β·L_kd) + w_seg·L_seg
+    segment: float = 1.0  # w_seg
+
+
+@dataclass(frozen=True)
+class PerceptionConfig:
+    """The perception tasks and their weights within L_perc (docs/method.md, "Dense perception").
+
+    ``segment`` adds the model's segmentation head (``seg_head`` follows from this list, it is
+    not a model override) and needs ``data.masks: true``. These weights mix the perception tasks;
+    a strategy's ``task_weights`` then weigh L_perc against L_gen.
+    """
+
+    tasks: tuple[Literal["classify", "segment"], ...] = ("classify",)
+    weights: TaskWeights = field(default_factory=TaskWeights)
+    dice_weight: float = 0.0  # λ_dice of L_seg = L_ce,pixel + λ_dice·L_dice
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     p_uncond: float = 0.1  # label dropout: the null class with this probability
     use_ce: bool = True
@@ -106,6 +130,7 @@ class MethodConfig:
     label_smoothing: float = 0.0
     ema_decay: float = 0.999
     mc: McConfig = field(default_factory=McConfig)
+    perception: PerceptionConfig = field(default_factory=PerceptionConfig)
 
 
 @dataclass(frozen=True)
@@ -189,9 +214,12 @@ class TrialConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def model_config(self):
+        """The network's config: the preset, its overrides, and the seg head when ``segment`` is a
+        perception task (the one place that decides it)."""
         from genrep.model import preset
 
-        return preset(self.model.preset, **self.model.overrides)
+        return preset(self.model.preset, **self.model.overrides,
+                      seg_head="segment" in self.method.perception.tasks)
 
 
 @dataclass(frozen=True)
@@ -241,7 +269,7 @@ class SearchConfig:
 
 
 # train-row metrics an early-stopping scheduler can watch
-TRAIN_METRICS = ("acc", "loss_ce", "loss_perc", "loss_gen")
+TRAIN_METRICS = ("acc", "loss_ce", "loss_perc", "loss_gen", "loss_seg", "seg_acc")
 
 
 @dataclass(frozen=True)
@@ -343,6 +371,10 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
                "thin": (lambda v: v >= 1, "must be >= 1"),
                "eta": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
                "subset": (lambda v: 0 < v <= 1, "must be in (0, 1]")},
+    PerceptionConfig: {"tasks": (lambda v: len(v) > 0 and len(set(v)) == len(v), "non-empty, distinct"),
+                       "dice_weight": (lambda v: v >= 0, "must be >= 0")},
+    TaskWeights: {"classify": (lambda v: v >= 0, "must be >= 0"),
+                  "segment": (lambda v: v >= 0, "must be >= 0")},
     MethodConfig: {"p_uncond": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
                    "beta_kd": (lambda v: v >= 0, "must be >= 0"),
                    **_positive("tau_kd"),
@@ -407,6 +439,7 @@ def _cross_checks(cfg: SweepConfig, where: str) -> None:
                           f"{mc.chain_steps}-step chain (must be < chain_steps)")
     if not cfg.method.use_ce and cfg.method.beta_kd == 0:
         raise ConfigError(f"{where}: method: use_ce is false and beta_kd is 0: no perception loss")
+    _check_dense(cfg, where)
     from harness import modes
 
     for s, opts in cfg.strategy_options.items():
@@ -423,6 +456,30 @@ def _cross_checks(cfg: SweepConfig, where: str) -> None:
     _check_variants(cfg, where)
     _check_combinations(cfg, where)
     _check_search(cfg, where)
+
+
+MASK_SOURCES = ("shapes",)  # sources that pack per-pixel class masks (docs/data.md)
+
+
+def _check_dense(cfg: SweepConfig, where: str) -> None:
+    """Dense perception: masks only from a source that packs them, ``segment`` only with masks,
+    the seg head only through ``method.perception.tasks``, the teacher only with ``classify``."""
+    d, p = cfg.data, cfg.method.perception
+    if d.shapes_per_image is not None and d.source != "shapes":
+        raise ConfigError(f"{where}: data.shapes_per_image: only the shapes source takes it, "
+                          f"not data.source {d.source!r}")
+    if d.masks and not d.urls and d.source not in MASK_SOURCES:
+        raise ConfigError(f"{where}: data.masks: data.source {d.source!r} packs no masks; "
+                          f"sources with masks: {list(MASK_SOURCES)}")
+    if "segment" in p.tasks and not d.masks:
+        raise ConfigError(f"{where}: method.perception.tasks: segment needs data.masks: true "
+                          "(the per-pixel targets)")
+    if "seg_head" in cfg.model.overrides:
+        raise ConfigError(f"{where}: model.overrides.seg_head: set by method.perception.tasks "
+                          "(segment adds the head); remove it here")
+    if "classify" not in p.tasks and cfg.method.beta_kd != 0:
+        raise ConfigError(f"{where}: method.beta_kd: the teacher distils into the classification "
+                          "head, and method.perception.tasks has no classify; set beta_kd: 0")
 
 
 # ---------------------------------------------------------------- model overrides
@@ -478,7 +535,8 @@ FIXED_FIELDS = {"name": "name", "seed": "seeds", "output_dir": "output_dir", "va
                 "strategy.name": "strategies or variants",
                 # the shards are packed (or their URLs resolved) once per sweep, before any trial
                 **{f"data.{k}": f"data.{k} (one dataset per sweep)"
-                   for k in ("source", "image_size", "count", "shard_size", "split", "root", "urls")}}
+                   for k in ("source", "image_size", "count", "shard_size", "split", "root", "urls",
+                             "shapes_per_image", "masks")}}
 
 
 def _sweep_path(path: str, strategy: str) -> list[str]:

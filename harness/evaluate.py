@@ -1,11 +1,12 @@
 """End-of-trial scoring of the networks, the same yardstick for every strategy (docs/evaluation.md).
 
-Perception: head top-1 and ECE, the network's own zero-shot (Monte Carlo) accuracy. Generation:
+Perception: head top-1 and ECE, the network's own zero-shot (Monte Carlo) accuracy, and with the
+segmentation head mIoU and pixel accuracy over the held-out masks. Generation:
 held-out denoising loss at fixed (t, ε), and class-conditional DDIM samples scored by the cached
 reference classifier (``fd_ref``, ``sample_acc``). Cost: seconds and network evaluations spent.
 Each metric with a standard error reports it as ``<metric>_stderr`` (the results table's
 ``stderr`` column): binomial for the accuracies, over images for the held-out loss, bootstrap for
-``fd_ref``; ``head_ece`` has none.
+``fd_ref``, and over images for ``miou`` and ``pixel_acc``; ``head_ece`` has none.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from genrep.dense import bootstrap_stderr, image_confusions, miou, pixel_accuracy
 from genrep.metrics import (HELDOUT_TIMESTEPS, binomial_stderr, expected_calibration_error,
                             feature_stats, frechet_distance, frechet_distance_stderr,
                             heldout_denoising_errors, heldout_loss_of, mean_stderr, top1)
@@ -108,6 +110,23 @@ def head_metrics(model, images, labels, batch_size: int = 256) -> dict[str, floa
             "head_ece": expected_calibration_error(logits.softmax(-1), labels)}
 
 
+@torch.no_grad()
+def seg_metrics(model, images, masks, batch_size: int = 256, seed: int = 0) -> dict[str, float]:
+    """Held-out mIoU (background included; a class in neither truth nor prediction left out) and
+    pixel accuracy of the seg head, from one confusion matrix summed over all N images
+    (genrep.dense), each with a seeded bootstrap stderr over images (B = 200 resamples of the N
+    per-image matrices: K² numbers each, no extra forward)."""
+    dtype, k = next(model.parameters()).dtype, model.cfg.seg_classes
+    conf = torch.cat([image_confusions(model.seg_logits(images[i:i + batch_size].to(dtype)).argmax(1),
+                                       masks[i:i + batch_size], k)
+                      for i in range(0, images.shape[0], batch_size)])
+    total = conf.sum(0)
+    return {"miou": float(miou(total)[0]),
+            "miou_stderr": bootstrap_stderr(conf, lambda m: miou(m)[0], seed=seed),
+            "pixel_acc": float(pixel_accuracy(total)),
+            "pixel_acc_stderr": bootstrap_stderr(conf, pixel_accuracy, seed=seed)}
+
+
 def mc_metrics(model, images, labels, k: int, alphas_cumprod, seed: int,
                estimate=None) -> tuple[dict[str, float], int]:
     """Zero-shot diffusion-classifier top-1 (Li et al. 2023) with K shared draws, binomial stderr
@@ -167,8 +186,9 @@ def sample_metrics(model, images, ref_net, per_class: int, steps: int, guidance_
 def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: int = 8,
              mc_images: int = 64, sample_per_class: int = 10, ddim_steps: int = 20,
              guidance_scale: float = 1.0, seed: int = 0, alphas_cumprod,
-             grid_path=None, estimate=None) -> dict[str, float]:
-    """All held-out metrics of one trial (perc_model is gen_model for joint training).
+             grid_path=None, estimate=None, val_masks=None) -> dict[str, float]:
+    """All held-out metrics of one trial (perc_model is gen_model for joint training);
+    ``val_masks`` [N, H, W]: also the seg head's mIoU and pixel accuracy (``seg_metrics``).
 
     eval_network_evals counts per-sample network forwards: MC (B·K·C) + sampling (N·steps, ×2 with
     CFG) + held-out loss (N·4); the head's encoder-only forwards are not counted.
@@ -177,6 +197,8 @@ def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: in
     out: dict[str, float] = {}
     with eval_mode(perc_model, gen_model, ref_net):
         out.update(head_metrics(perc_model, val_images, val_labels))
+        if val_masks is not None:
+            out.update(seg_metrics(perc_model, val_images, val_masks, seed=seed))
         n_mc = min(mc_images, val_images.shape[0])
         mc, mc_evals = mc_metrics(gen_model, val_images[:n_mc], val_labels[:n_mc], mc_k,
                                   alphas_cumprod, seed, estimate)

@@ -25,16 +25,30 @@ def load_split(urls, channels: int | None = None) -> tuple[torch.Tensor, torch.T
     return torch.cat(xs), torch.cat(ys)
 
 
+def load_masked_split(urls, mask_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every image, label and class mask of a split, in shard order (no shuffling)."""
+    loader = make_loader(urls, 256, shuffle_buffer=0, drop_last=False, shuffle_shards=False,
+                         masks=True, mask_classes=mask_classes)
+    xs, ys, ms = zip(*loader)
+    return torch.cat(xs), torch.cat(ys), torch.cat(ms)
+
+
 def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, device,
                    step: int | None = None) -> dict[str, float]:
     """Held-out metrics; the sample grid goes to ``samples.png`` at the end of the trial and to
     ``samples-step000100.png`` and so on for the evaluations during training (``step``)."""
     from harness.evaluate import evaluate, reference_classifier
+    from harness.worker import mask_options
 
     out: dict[str, float] = {}
     if shard.rank == 0:
-        e = cfg.eval
-        val_x, val_y = load_split(urls[e.split])
+        e, dense = cfg.eval, mask_options(cfg, urls)
+        val_m = None
+        if dense:
+            val_x, val_y, val_m = load_masked_split(urls[e.split], dense["mask_classes"])
+            val_m = val_m.to(device)
+        else:
+            val_x, val_y = load_split(urls[e.split])
         train_x, train_y = load_split(urls["train"])
         ref, info = reference_classifier(Path(urls["cache"]) / "reference", urls["key"],
                                          train_x, train_y, val_x, val_y, seed=0)
@@ -47,7 +61,7 @@ def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, devic
                        mc_images=e.mc_images, sample_per_class=e.samples_per_class,
                        ddim_steps=e.ddim_steps, guidance_scale=e.guidance_scale, seed=0,
                        alphas_cumprod=step_fn.alphas_cumprod, grid_path=grid,
-                       estimate=step_fn.eval_estimate(e.mc_k, step))
+                       estimate=step_fn.eval_estimate(e.mc_k, step), val_masks=val_m)
         acc, n = float(info["ref_val_acc"]), int(info.get("ref_val_n", len(val_y)))  # older caches: no n
         out |= {"ref_val_acc": acc, "ref_val_acc_stderr": binomial_stderr(acc, n)}
         out.update(cost_counts(step_fn))

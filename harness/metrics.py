@@ -43,6 +43,10 @@ def _registry(*metrics: Metric) -> dict[str, Metric]:
 METRICS: dict[str, Metric] = _registry(
     # perception (held out; head_acc, mc_acc with a binomial stderr)
     _m("head_acc", True, "fraction", "perception", objective=True),
+    # dense perception (method.perception.tasks: segment): from one confusion matrix summed over
+    # the held-out images, background included (genrep.dense); bootstrap stderr over images
+    _m("miou", True, "fraction", "perception", objective=True),
+    _m("pixel_acc", True, "fraction", "perception"),
     _m("mc_acc", True, "fraction", "perception", objective=True),
     _m("head_ece", False, "fraction", "perception", objective=True),
     # generation (held out; heldout_loss (and heldout_loss_t<t> per timestep, see ``lookup``):
@@ -59,6 +63,11 @@ METRICS: dict[str, Metric] = _registry(
     _m("loss_gen", False, "mse", "loss"),
     _m("loss_ce", False, "nats", "loss"),
     _m("loss_kd", False, "nats", "loss"),
+    _m("loss_cls", False, "nats", "loss"),  # w_cls's term when there are several perception tasks
+    _m("loss_seg", False, "nats", "loss"),  # L_seg = per-pixel CE + λ_dice·Dice
+    _m("loss_seg_ce", False, "nats", "loss"),
+    _m("loss_dice", False, "", "loss"),
+    _m("seg_acc", True, "fraction", "perception"),  # the training batch's pixel accuracy
     # cost: per training step (reduced per trial in reports), then per evaluation
     _m("step_time", False, "s", "cost", objective=True, reduce="mean"),
     _m("images_per_s", True, "images/s", "cost", reduce="mean"),

@@ -18,7 +18,8 @@ import torch
 
 from genrep import strategies
 from genrep.diffusion import draw_denoising, make_scheduler
-from genrep.losses import generation_loss, perception_loss
+from genrep.dense import segmentation_loss
+from genrep.losses import generation_loss, multitask_perception_loss, perception_loss
 from genrep.model import GenRepModel, build_model
 from genrep.posterior import McResult, draw_mc, fit_temperature, mc_posterior
 from genrep.reverse_chain import draw_chain_noise, reverse_chain_posterior
@@ -187,12 +188,23 @@ class Step:
         return res.probs, {"mc_evals": float(res.evals), "teacher_tau": float(tau),
                            "mc_stderr": float(finite.mean()) if finite.numel() else 0.0}
 
-    def perception_loss(self, model: GenRepModel, x, y, q):
-        """genrep's L_perc = [L_ce] + β·τ²·(1/B) Σ_{i scored} KL_i on the head's logits of x (q has
-        0 rows on a step without teacher: the term is then 0)."""
-        m = self.cfg.method
-        return perception_loss(model.logits(x), y, q, beta=m.beta_kd, tau=m.tau_kd, use_ce=m.use_ce,
-                               label_smoothing=m.label_smoothing)
+    def perception_loss(self, model: GenRepModel, x, y, q, masks=None):
+        """genrep's L_perc = Σ_k w_k·L_k over ``method.perception.tasks``: classify, L_ce + β·τ²·(1/B)
+        Σ_{i scored} KL_i on the head's logits (q has 0 rows on a step without teacher: the term is
+        then 0); segment, L_seg on the seg head's logits against ``masks``. One backbone pass
+        (``model.perceive``) feeds both heads."""
+        m, p = self.cfg.method, self.cfg.method.perception
+        if "segment" in p.tasks and masks is None:
+            raise ValueError("method.perception.tasks has segment: the step needs the batch's masks")
+        out = model.perceive(x) if "segment" in p.tasks else {"logits": model.logits(x)}
+        terms = {}
+        if "classify" in p.tasks:
+            terms["classify"] = perception_loss(out["logits"], y, q, beta=m.beta_kd, tau=m.tau_kd,
+                                                use_ce=m.use_ce, label_smoothing=m.label_smoothing)
+        if "segment" in p.tasks:
+            terms["segment"] = segmentation_loss(out["seg_logits"], masks, p.dice_weight)
+        return multitask_perception_loss(terms, {"classify": p.weights.classify,
+                                                 "segment": p.weights.segment})
 
 
 MODES: Registry[type] = Registry("training mode")
@@ -229,10 +241,10 @@ class JointStep(Step):
         parallel.flat(g_g, self.shared, out=self.buffer[1])
         return self.buffer
 
-    def __call__(self, x, y, step: int) -> dict[str, Any]:
+    def __call__(self, x, y, step: int, masks=None) -> dict[str, Any]:
         model, engine = self.net.model, self.net.engine
         q, mq = self.teacher_probs(self.net.teacher(), x, step)
-        loss_p, mp = self.perception_loss(model, x, y, q)
+        loss_p, mp = self.perception_loss(model, x, y, q, masks)
         loss_g, mg = self.generation_loss(model, x, y, step)
         check_finite(step, loss_perc=loss_p, loss_gen=loss_g)
         if self.strategy.needs_task_grads:
@@ -264,7 +276,8 @@ class JointStep(Step):
         task_weights = self.strategy.loss_weights(**self.cfg.strategy.options)
         summary = summarize(gram, w, tel, task_weights)  # before apply_weights overwrites g_p
         combined = strategies.apply_weights(local, w, self.segments, in_place=True)
-        # the heads take their own task's gradient, unaligned but task-weighted as in sum's w_p·L_p
+        # the heads (classification, and segmentation when on: model.head_parameters) take their
+        # own task's gradient, unaligned but task-weighted as in sum's w_p·L_p
         head = [task_weights[0] * g if g is not None else torch.zeros_like(p)
                 for g, p in zip(g_p[n:], self.head)]
         parallel.backward_combined(self.net.engine, params, parallel.unflat(combined, self.shared) + head)
@@ -288,9 +301,9 @@ class SeparateStep(Step):
     def networks(self) -> dict[str, Network]:
         return {"perception": self.perc, "generation": self.gen}
 
-    def __call__(self, x, y, step: int) -> dict[str, Any]:
+    def __call__(self, x, y, step: int, masks=None) -> dict[str, Any]:
         q, mq = self.teacher_probs(self.gen.teacher(), x, step)
-        loss_p, mp = self.perception_loss(self.perc.model, x, y, q)
+        loss_p, mp = self.perception_loss(self.perc.model, x, y, q, masks)
         loss_g, mg = self.generation_loss(self.gen.model, x, y, step)
         check_finite(step, loss_perc=loss_p, loss_gen=loss_g)
         w_p, w_g = check_options(self.cfg.strategy.name, self.cfg.strategy.options)["task_weights"]

@@ -69,11 +69,13 @@ def prepare_data(sweep: SweepConfig) -> dict[str, Any]:
     from harness.data import ensure_packed, load_manifest, shard_urls
 
     d = sweep.data
-    if d.urls:
+    if d.urls:  # no manifest: the worker bounds mask values by its model's seg classes
         return url_patterns(d.urls) | {"cache": str(data_root(sweep)), "key": urls_key(d.urls)}
     params = dict(shard_size=d.shard_size, image_size=d.image_size, split=d.split, seed=0)
     if d.count is not None:
         params["count"] = d.count
+    if d.shapes_per_image is not None:  # part of ensure_packed's cache key
+        params["source_options"] = {"shapes_per_image": d.shapes_per_image}
     manifest_path = ensure_packed(d.source, data_root(sweep), **params)
     manifest = load_manifest(manifest_path)
     # the reference classifier's cache key: the manifest's checksum (it lists every shard's
@@ -81,7 +83,27 @@ def prepare_data(sweep: SweepConfig) -> dict[str, Any]:
     key = f"{manifest_path.parent.name}-{hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:12]}"
     return {s: shard_urls(manifest, s) for s in ("train", "val", "test")} | {
         "cache": str(data_root(sweep)), "key": key,
-        "class_counts": list(manifest.splits["train"].class_counts)}  # method.mc.prior: train
+        "class_counts": list(manifest.splits["train"].class_counts),  # method.mc.prior: train
+        **mask_classes(sweep, manifest)}
+
+
+def mask_classes(sweep: SweepConfig, manifest) -> dict[str, int]:
+    """``{"mask_classes": K}`` from the manifest when ``data.masks`` (the loader's bound on mask
+    values), checked against the seg head's C + 1 outputs; {} without masks."""
+    from harness.config import ConfigError
+    from harness.data import DataError
+
+    if not sweep.data.masks:
+        return {}
+    try:
+        k = manifest.require_mask().num_classes
+    except DataError as e:
+        raise ConfigError(f"{sweep.source_file}: data.masks: {e}") from None
+    seg = sweep.trial(sweep.strategies[0], sweep.seeds[0]).model_config().seg_classes
+    if k != seg:
+        raise ConfigError(f"{sweep.source_file}: model.overrides.num_classes: the masks have {k} "
+                          f"classes (background + {k - 1}), the seg head would give {seg}")
+    return {"mask_classes": k}
 
 
 def scaling_config(cfg: TrialConfig):

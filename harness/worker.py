@@ -77,7 +77,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     loader = make_loader(config["urls"]["train"], shard.local, rank=rank, world_size=world,
                          num_workers=cfg.data.num_workers, seed=cfg.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, on_bad_sample=cfg.data.on_bad_sample,
-                         image_size=cfg.data.image_size)
+                         image_size=cfg.data.image_size, **mask_options(cfg, config["urls"]))
     start = restore(step_fn, loader)
     batches, window, timed = forever(loader), Window(), Window()
     for step in range(start, cfg.train.steps):
@@ -85,10 +85,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             row = {**evaluate(step_fn, cfg, config["urls"], shard, device, step), "step": step,
                    "split": cfg.eval.split}
             report(row, step_fn, loader, step, checkpoint=False)
-        x, y = next(batches)
+        x, y, *masks = next(batches)  # (images, labels[, masks]): masks with a segment task
         x = inject_faults(cfg, step, x, rank)
         t0 = time.perf_counter()
-        metrics = step_fn(x.to(device), y.to(device), step)
+        metrics = step_fn(x.to(device), y.to(device), step, *(m.to(device) for m in masks))
         dt = time.perf_counter() - t0
         window.add({**metrics, "step_time": dt, "images_per_s": cfg.train.batch_size / dt})
         timed.add({"step_time": dt})  # the final report's mean: a search objective (harness.search)
@@ -103,6 +103,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     report(final, step_fn, loader, cfg.train.steps, checkpoint=False)
     parallel.barrier()
     return final
+
+
+def mask_options(cfg: TrialConfig, urls: dict[str, Any]) -> dict[str, Any]:
+    """The loader's mask arguments: masks when ``segment`` is a perception task, bounded by the
+    manifest's mask classes (harness.trial.prepare_data), else by the seg head's C + 1."""
+    if "segment" not in cfg.method.perception.tasks:
+        return {}
+    return {"masks": True, "mask_classes": urls.get("mask_classes", cfg.model_config().seg_classes)}
 
 
 def prepare_teacher(step_fn, cfg: TrialConfig, urls: dict[str, Any], device) -> None:

@@ -175,3 +175,16 @@ def test_seg_head_size_on_digits16():
     # 1×1 projections 64·32+32, 64·32+32, 32·32+32; GroupNorm 2·32; 3×3 32·32·9+32; 1×1 32·11+11
     model = build_model(preset("digits16", seg_head=True), seed=0)
     assert num_parameters(model.seg_head) == 2080 + 2080 + 1056 + 64 + 9248 + 363 == 14_891
+
+
+def test_bootstrap_stderr_over_images():
+    from genrep.dense import bootstrap_stderr, image_confusions, miou, pixel_accuracy
+
+    target = torch.tensor([[[0, 1], [1, 1]], [[0, 0], [2, 2]], [[0, 0], [0, 1]]])
+    conf = image_confusions(target, target, 3)
+    assert conf.shape == (3, 3, 3) and torch.equal(conf.sum(0), confusion_matrix(target, target, 3))
+    assert bootstrap_stderr(conf, lambda m: miou(m)[0]) == 0.0  # perfect on every resample
+    wrong = image_confusions(torch.zeros_like(target), target, 3)
+    se = bootstrap_stderr(wrong, pixel_accuracy, seed=3)
+    assert se == bootstrap_stderr(wrong, pixel_accuracy, seed=3) > 0  # seeded
+    assert math.isnan(bootstrap_stderr(wrong[:1], pixel_accuracy))  # one image: no spread

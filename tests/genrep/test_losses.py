@@ -133,3 +133,17 @@ def test_no_teacher_rows_gives_no_distillation_but_a_differentiable_loss():
     assert loss.item() == 0.0 and "loss_kd" not in m
     (g,) = torch.autograd.grad(loss, z)
     assert (g == 0).all()
+
+
+def test_multitask_perception_loss_weights_the_tasks():
+    from genrep.losses import multitask_perception_loss
+
+    cls = (torch.tensor(2.0), {"loss_ce": torch.tensor(2.0), "loss_perc": torch.tensor(2.0)})
+    seg = (torch.tensor(0.5), {"loss_seg": torch.tensor(0.5)})
+    loss, m = multitask_perception_loss({"classify": cls, "segment": seg}, {"classify": 0.5, "segment": 4.0})
+    assert float(loss) == 0.5 * 2.0 + 4.0 * 0.5 == float(m["loss_perc"])
+    assert float(m["loss_cls"]) == 2.0 and float(m["loss_seg"]) == 0.5
+    alone, m1 = multitask_perception_loss({"classify": cls}, {"classify": 1.0})
+    assert float(alone) == 2.0 and "loss_cls" not in m1  # one task: perception_loss's own metrics
+    with pytest.raises(ValueError, match="at least one task"):
+        multitask_perception_loss({}, {})
