@@ -27,11 +27,14 @@ def _quiet(verbose: bool) -> None:
 def cmd_sweep(args) -> int:
     """Exit 0 when every trial finished; 1 when any failed or is unfinished (listed on stderr)."""
     from harness import results
-    from harness.sweep import format_trials, read_trials, run_sweep
+    from harness.config import load
+    from harness.sweep import format_trials, read_trials, resolve_output, run_sweep
 
+    # resolved (or refused) before Ray starts; run_sweep resolves it the same way
+    out = resolve_output(load(args.sweep_file), args.storage, args.address).output_dir
     df = run_sweep(args.sweep_file, resume=args.resume, overwrite=args.overwrite,
-                   address=args.address, verbose=args.verbose)
-    trials = read_trials(args.sweep_file)
+                   address=args.address, verbose=args.verbose, storage=args.storage)
+    trials = read_trials(out)
     print(format_trials(trials))
     print_summary(results.summary(df))
     failed = df.loc[df["status"] == "failed", "trial"].unique()
@@ -40,6 +43,8 @@ def cmd_sweep(args) -> int:
     unfinished = [] if trials is None else list(trials.loc[trials["status"] == "unfinished", "trial"])
     for name in unfinished:
         print(f"UNFINISHED trial {name}: run again with --resume", file=sys.stderr)
+    sys.stderr.flush()
+    print(f"results in {os.path.abspath(out)}", flush=True)  # the log's last line
     return 1 if len(failed) or unfinished else 0
 
 
@@ -48,7 +53,7 @@ def cmd_train(args) -> int:
     from harness.sweep import run_single
 
     df = run_single(args.sweep_file, args.strategy, args.seed, address=args.address,
-                    verbose=args.verbose)
+                    verbose=args.verbose, storage=args.storage)
     print_summary(results.summary(df))
     return 0 if (df["status"] == "ok").all() else 1
 
@@ -80,12 +85,15 @@ def cmd_report(args) -> int:
     from pathlib import Path
 
     from harness.report import build_report, format_table, load, main_table
+    from harness.sweep import under_storage
 
-    first = Path(args.results[0])
+    found = [str(under_storage(p, args.storage)) for p in args.results]  # as the sweep put them
+    first = Path(found[0])
     out = args.out or (first if first.is_dir() else first.parent) / "report"
-    paths = build_report(args.results, out, baseline=args.baseline)
+    paths = build_report(found, out, baseline=args.baseline)
     print(paths["report.md"])
-    print_summary(format_table(main_table(load(args.results), baseline=args.baseline), markup="plain"))
+    print_summary(format_table(main_table(load(found), baseline=args.baseline), markup="plain"))
+    print(f"HTML report: {Path(paths['report.html']).resolve()}")
     return 0
 
 
@@ -134,6 +142,10 @@ class _StrategyHelp(argparse.HelpFormatter):
         return action.help.replace("{strategies}", " | ".join(known_strategies()))
 
 
+STORAGE_HELP = ("absolute root for a relative output_dir (default: GENREP_STORAGE); required for a "
+                "relative output_dir inside a Ray job or on a joined cluster")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genrep-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -143,6 +155,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("sweep_file", help="a sweep YAML file (see sweeps/)")
         s.add_argument("--verbose", action="store_true", help="Ray's and DeepSpeed's logs at INFO")
         s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+        s.add_argument("--storage", help=STORAGE_HELP)
         return s
 
     s = with_sweep("sweep", "run every trial of a sweep with Ray Tune and print the results")
@@ -172,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("results", nargs="+", help="results/<sweep> directories or results.parquet files")
     s.add_argument("--out", help="output directory (default: <first results dir>/report)")
     s.add_argument("--baseline", default="sum", help="strategy the paired Δ is taken against")
+    s.add_argument("--storage", help="the sweep's storage root: relative results paths are "
+                   "looked up under it (default: GENREP_STORAGE)")
     s.set_defaults(fn=cmd_report, verbose=False)
     s = sub.add_parser("perf", help="measure the harness's cost against its targets (P1-P7)")
     s.add_argument("--quick", action="store_true",

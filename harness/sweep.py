@@ -6,6 +6,13 @@ starts an embedded local one, packs the data on first use, runs the Tuner (or, w
 restores it: finished trials are kept and never rerun, unfinished and errored ones run), and
 writes ``<output_dir>/results.parquet`` atomically from what every trial reported.
 
+Where results go (:func:`resolve_output`): an absolute ``output_dir`` as written; a relative one
+under the storage root (``--storage`` or ``GENREP_STORAGE``) when one is given; otherwise under
+the current directory, except on a cluster the sweep joined (a Ray job, ``--address``,
+``RAY_ADDRESS``): there the current directory is a Ray job's temporary copy of its working dir,
+deleted with the cluster, so the sweep refuses before training. ``report`` and ``--resume`` use
+the same resolution.
+
 Failures: a trial that raises is attempted ``1 + resources.max_failures`` times (each attempt
 resumes from the trial's latest Ray Train checkpoint), then recorded with status ``failed`` and
 its error, and the sweep goes on. Trial statuses in the results: ok, failed, stopped (early, by
@@ -19,6 +26,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +74,55 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         # /tmp/ray/ray_current_cluster (plain ray.init() would silently join that one).
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", **quiet)
+
+
+# ---------------------------------------------------------------- where results go
+STORAGE_ENV = "GENREP_STORAGE"
+
+
+def in_ray_job() -> bool:
+    """True in a Ray job's driver: the job supervisor sets ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and runs
+    the entrypoint in a temporary copy of ``--working-dir`` under the session's
+    ``runtime_resources/`` (gone when the cluster stops)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or "runtime_resources" in Path.cwd().parts
+
+
+def storage_root(storage: str | None = None) -> Path | None:
+    """``--storage`` or ``GENREP_STORAGE``: an absolute directory that outlives the job."""
+    root = storage or os.environ.get(STORAGE_ENV)
+    if not root:
+        return None
+    path = Path(root).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(f"--storage / {STORAGE_ENV}: {root!r} must be an absolute path (a "
+                          "directory every node can reach, e.g. a shared filesystem)")
+    return path
+
+
+def under_storage(path: str | Path, storage: str | None = None) -> Path:
+    """A results path as the sweep resolved it: absolute as given, relative under the storage root
+    when there is one, else under the current directory."""
+    path, root = Path(path).expanduser(), storage_root(storage)
+    return path if path.is_absolute() or root is None else root / path
+
+
+def resolve_output(cfg: SweepConfig, storage: str | None = None,
+                   address: str | None = None) -> SweepConfig:
+    """The sweep with ``output_dir`` made absolute, or a ConfigError before anything runs when a
+    relative one would land in a Ray job's temporary directory (or on a cluster's other nodes)."""
+    out = Path(cfg.output_dir).expanduser()
+    if not out.is_absolute() and storage_root(storage) is None and (
+            in_ray_job() or address or os.environ.get("RAY_ADDRESS")):
+        where = "inside a Ray job" if in_ray_job() else "on a Ray cluster it joined"
+        raise ConfigError(
+            f"{cfg.source_file}: output_dir: {cfg.output_dir!r} is relative and this sweep runs "
+            f"{where}: results would be written under {Path.cwd()}, which a Ray job deletes with "
+            f"the cluster. Set {STORAGE_ENV} (ray job submit --runtime-env-json "
+            f"'{{\"env_vars\": {{\"{STORAGE_ENV}\": \"/shared/path\"}}}}'), pass --storage "
+            "/shared/path, or make output_dir absolute")
+    if out.is_absolute() or storage_root(storage) is None:
+        return cfg  # as written (a local relative path stays relative: same trial hashes as ever)
+    return replace(cfg, output_dir=str(under_storage(out, storage)))
 
 
 def experiment_dir(cfg: SweepConfig) -> Path:
@@ -251,9 +308,9 @@ def trials_path(cfg: SweepConfig) -> Path:
     return Path(cfg.output_dir) / "trials.csv"
 
 
-def read_trials(path: str | Path) -> pd.DataFrame | None:
-    """The per-trial summary of the sweep file's last run, or None when there is none."""
-    csv = trials_path(load(path))
+def read_trials(output_dir: str | Path) -> pd.DataFrame | None:
+    """The per-trial summary of the sweep's last run (in its resolved output_dir), or None."""
+    csv = Path(output_dir) / "trials.csv"
     return pd.read_csv(csv, keep_default_na=False, na_values=[""]) if csv.exists() else None
 
 
@@ -293,8 +350,10 @@ def check_same_sweep(cfg: SweepConfig, raw: dict[str, Any], resume: bool) -> Non
 
 
 def run_sweep(path: str | Path, resume: bool = False, overwrite: bool = False,
-              address: str | None = None, verbose: bool = False) -> pd.DataFrame:
-    cfg = load(path)
+              address: str | None = None, verbose: bool = False,
+              storage: str | None = None) -> pd.DataFrame:
+    cfg = resolve_output(load(path), storage, address)
+    log.warning("sweep %s: results in %s", cfg.name, cfg.output_dir)  # the log's first line
     raw = raw_config(path)
     check_fresh(cfg, path, resume, overwrite)
     check_same_sweep(cfg, raw, resume)
@@ -310,14 +369,15 @@ def run_sweep(path: str | Path, resume: bool = False, overwrite: bool = False,
 
 
 def run_single(path: str | Path, strategy: str, seed: int | None = None,
-               address: str | None = None, verbose: bool = False) -> pd.DataFrame:
+               address: str | None = None, verbose: bool = False,
+               storage: str | None = None) -> pd.DataFrame:
     """One trial through Ray Train, without Tune (``genrep-bench train``), for debugging.
     ``strategy`` may be any strategy or one of the sweep's named variants."""
     from harness.trial import fit
 
     from harness.modes import known_strategies
 
-    cfg = load(path)
+    cfg = resolve_output(load(path), storage, address)
     if strategy not in (*cfg.labels(), *known_strategies()):
         raise ConfigError(f"{path}: --strategy: unknown {strategy!r}; known: "
                           f"{sorted(known_strategies())} and the sweep's variants {list(cfg.variants)}")

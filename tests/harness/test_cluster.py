@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -111,6 +112,198 @@ def test_job_submit_runs_a_sweep_on_a_started_head(tmp_path, tiny):
     assert "succeeded" in job.stdout, job.stdout[-2000:]
     df = results.read_results(raw["output_dir"])
     assert set(df["status"]) == {"ok"} and set(df["split"]) == {"train", "val"}
+
+
+def test_relative_output_dir_in_a_job_needs_a_storage_root(tmp_path, monkeypatch):
+    """Inside a Ray job (or on a joined cluster) a relative output_dir is refused before anything
+    runs, naming the field, the file and the fix; a storage root or an absolute path is used."""
+    from harness.config import ConfigError, load
+    from harness.sweep import resolve_output, under_storage
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "output_dir": "results/s", "strategies": ["sum"]}))
+    cfg = load(path)
+    monkeypatch.delenv("GENREP_STORAGE", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert resolve_output(cfg) is cfg  # embedded: relative to the current directory, as ever
+    for joined in ({"address": "127.0.0.1:6379"}, {}):
+        if not joined:
+            monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+        with pytest.raises(ConfigError) as err:
+            resolve_output(cfg, **joined)
+        assert all(w in str(err.value) for w in ("output_dir", str(path), "GENREP_STORAGE", "--storage"))
+    assert resolve_output(cfg, storage=str(tmp_path)).output_dir == str(tmp_path / "results/s")
+    monkeypatch.setenv("GENREP_STORAGE", str(tmp_path / "root"))
+    assert resolve_output(cfg).output_dir == str(tmp_path / "root/results/s")
+    assert under_storage("results/s") == tmp_path / "root/results/s"  # report and --resume
+    with pytest.raises(ConfigError, match="absolute"):
+        resolve_output(cfg, storage="relative/root")
+    path.write_text(yaml.safe_dump({"name": "s", "output_dir": str(tmp_path / "abs"), "strategies": ["sum"]}))
+    absolute = load(path)
+    assert resolve_output(absolute).output_dir == str(tmp_path / "abs")
+
+
+def job_submit(address: str, job_dir: Path, *command: str, env_vars: dict | None = None):
+    runtime = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    return subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", address,
+                           "--working-dir", str(job_dir), *runtime, "--", *command],
+                          env=venv_env(), capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_job_with_relative_output_dir_writes_under_the_storage_root(tmp_path, tiny):
+    """A job's sweep with a relative output_dir: refused (before training) without a storage
+    root; with GENREP_STORAGE the results land under it, the log's first and last lines say
+    where, Tune's TensorBoard event files are there, and `report --storage` finds them."""
+    raw = tiny(strategies=["sum"], output_dir="results/tiny")
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    storage = tmp_path / "storage"
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    dashboard = free_port()
+    address = f"http://127.0.0.1:{dashboard}"
+    head = start_head(temp_dir, free_port(), dashboard)
+    try:
+        wait_for_jobs_api(address, head)
+        refused = job_submit(address, job_dir, "genrep-bench", "sweep", "tiny.yaml")
+        job = job_submit(address, job_dir, "genrep-bench", "sweep", "tiny.yaml",
+                         env_vars={"GENREP_STORAGE": str(storage)})
+    finally:
+        stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert refused.returncode != 0 and "trial start" not in refused.stdout
+    assert "output_dir: 'results/tiny' is relative" in refused.stdout, refused.stdout[-3000:]
+    assert "tiny.yaml" in refused.stdout and "GENREP_STORAGE" in refused.stdout
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    out = storage / "results" / "tiny"
+    ours = [line for line in job.stdout.splitlines() if str(out) in line]
+    assert "results in" in ours[0] and ours[-1].strip().endswith(f"results in {out}"), ours
+    df = results.read_results(out)
+    assert set(df["status"]) == {"ok"} and set(df["split"]) == {"train", "val"}
+    assert list((out / "ray" / "tune").glob("*/events.out.tfevents.*")), "no TensorBoard events"
+    report = subprocess.run([str(VENV_BIN / "genrep-bench"), "report", "results/tiny",
+                             "--storage", str(storage)], capture_output=True, text=True,
+                            cwd=tmp_path, env=venv_env(), timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert f"HTML report: {out / 'report' / 'report.html'}" in report.stdout
+    assert (out / "report" / "report.html").exists()
+
+
+SSHD_CONFIG = """Port 22
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+AuthorizedKeysFile {d}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile {d}/sshd.pid
+SetEnv GENREP_REPO={repo}
+"""
+
+
+def sshd_or_skip() -> str:
+    """Debian's sshd, installed when missing (as root, through apt); a skip with the reason when
+    it cannot be had or port 22 on loopback is taken (Ray's launcher has no SSH port setting)."""
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not Path(sshd).exists() and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "openssh-server", "rsync"], capture_output=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
+    if not Path(sshd).exists() or not shutil.which("rsync") or not shutil.which("unshare"):
+        pytest.skip("needs sshd (openssh-server), rsync and unshare; could not install them")
+    import socket
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", 22)) == 0:
+            pytest.skip("127.0.0.1:22 is taken: the launcher's SSH goes to port 22")
+    return sshd
+
+
+def start_private_sshd(sshd: str, d: Path) -> subprocess.Popen:
+    """sshd on 127.0.0.1:22 for root with a key of its own, in its own PID namespace with a private
+    /tmp/ray: whatever `ray up`/`ray submit`/`ray down` run through it (`ray down` runs `ray stop`,
+    which ends every Ray process its user may signal) sees only this namespace's processes."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "key")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
+    shutil.copy(d / "key.pub", d / "authorized_keys")
+    (d / "sshd_config").write_text(SSHD_CONFIG.format(d=d, repo=ROOT))
+    Path("/run/sshd").mkdir(exist_ok=True)
+    Path("/tmp/ray").mkdir(exist_ok=True)
+    inner = f"mount -t tmpfs tmpfs /tmp/ray && exec {sshd} -D -e -f {d}/sshd_config"
+    namespace = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation", "private"]
+    proc = subprocess.Popen([*namespace, "sh", "-c", inner], stdout=subprocess.DEVNULL,
+                            stderr=open(d / "sshd.log", "w"), start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        ok = subprocess.run(["ssh", "-i", str(d / "key"), "-o", "StrictHostKeyChecking=no",
+                             "-o", f"UserKnownHostsFile={d}/known_hosts", "-o", "BatchMode=yes",
+                             "root@127.0.0.1", "true"], capture_output=True, timeout=30)
+        if ok.returncode == 0:
+            return proc
+        time.sleep(1)
+    stop_private_sshd(proc)
+    pytest.skip(f"sshd on loopback did not accept the key: {(d / 'sshd.log').read_text()[-500:]}")
+
+
+def stop_private_sshd(proc: subprocess.Popen) -> None:
+    """SIGKILL to the namespace's process group: unshare ignores SIGTERM while it waits, and its
+    child, the namespace's init, takes every process of the namespace with it (--kill-child)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def render_local_config(d: Path) -> Path:
+    """cluster/local.yaml with this checkout, the test's key and free ports."""
+    ports = (f"--port={free_port()} --dashboard-port={free_port()} --ray-client-server-port={free_port()}"
+             f" --dashboard-agent-listen-port={free_port()} --runtime-env-agent-port={free_port()}"
+             f" --metrics-export-port={free_port()}")
+    text = ((ROOT / "cluster" / "local.yaml").read_text()
+            .replace("/path/to/genrep-bench", str(ROOT)).replace("~/.ssh/genrep_local", str(d / "key"))
+            .replace("--port=6379", ports))
+    (d / "cluster.yaml").write_text(text)
+    return d / "cluster.yaml"
+
+
+@pytest.mark.slow
+def test_ray_up_submit_down_on_the_local_launcher(tmp_path, tiny):
+    """`ray up` (local provider, SSH to 127.0.0.1), `ray submit` of scripts/ray_submit_sweep.py
+    with a sweep path relative to the repository, the results checked, `ray down`."""
+    sshd = sshd_or_skip()
+    d = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))
+    raw = tiny(strategies=["sum"])
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(yaml.safe_dump(raw))
+    home = Path.home()
+    # what the launcher leaves in the (shared) home directory: removed after, unless already there
+    made = [f for f in (home / "ray_bootstrap_config.yaml", home / "ray_bootstrap_key.pem",
+                        home / "ray_submit_sweep.py") if not f.exists()]
+    server = start_private_sshd(sshd, d)
+    config = render_local_config(d)
+    ray = str(VENV_BIN / "ray")
+    try:
+        up = subprocess.run([ray, "up", "-y", "--no-config-cache", str(config)], env=venv_env(),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        submit = subprocess.run([ray, "submit", str(config), "scripts/ray_submit_sweep.py",
+                                 os.path.relpath(sweep, ROOT)], env=venv_env(), cwd=ROOT,
+                                capture_output=True, text=True, timeout=900)
+    finally:
+        down = subprocess.run([ray, "down", "-y", str(config)], env=venv_env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        stop_private_sshd(server)
+        for f in made:
+            f.unlink(missing_ok=True)
+        shutil.rmtree(d, ignore_errors=True)
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+    assert f"results in {raw['output_dir']}" in submit.stdout
+    df = results.read_results(raw["output_dir"])
+    assert set(df["status"]) == {"ok"} and set(df["split"]) == {"train", "val"}
+    assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
 
 
 TWO_NODES = """
