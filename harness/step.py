@@ -55,15 +55,17 @@ class Network:
     def __init__(self, cfg: TrialConfig, world: int, seed: int, device: torch.device):
         self.model: GenRepModel = build_model(cfg.model_config(), seed=seed).to(device)
         self.engine = ds.make_engine(self.model, cfg, world)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.method.mc.teacher == "ema" else None
+        # the EMA copy serves only as the teacher: none without one (β = 0), no copy to update
+        ema = cfg.method.mc.teacher == "ema" and cfg.method.beta_kd > 0
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema else None
         self.decay = cfg.method.ema_decay
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """θ_ema ← d·θ_ema + (1−d)·θ."""
+        """θ_ema ← d·θ_ema + (1−d)·θ (one fused call over all tensors)."""
         if self.ema is not None:
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p.detach(), 1 - self.decay)
+            torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()],
+                                 1 - self.decay)
 
     def teacher(self) -> GenRepModel:
         return self.ema if self.ema is not None else self.model
@@ -99,15 +101,16 @@ class Step:
     def teacher_tau(self, teacher: GenRepModel, step: int) -> float:
         """τ_mc in use at ``step``: the configured number, or ("auto") the temperature that
         minimises the teacher's NLL on the calibration images (temperature scaling, Guo et al.
-        2017), refitted when ``calibrate_every`` steps have passed since the last fit.
+        2017), refitted when :func:`next_fit` says (gaps doubling from calibrate_first).
 
         Every rank fits on the same images with the same draws, so every rank gets the same τ
         (the W-worker run stays the 1-worker run); cost: n·K·C forwards per fit."""
         mc = self.cfg.method.mc
-        stale = mc.calibrate_every and step >= self.tau_step + mc.calibrate_every
-        if mc.tau != "auto" or (self.tau is not None and not stale):
-            return self.tau
-        self.tau, self.tau_step = self.fit_tau(teacher.eps, mc.k, step), step
+        if mc.tau != "auto":
+            return float(mc.tau)
+        due = self.tau is None or (mc.calibrate_every and step >= next_fit(self.tau_step, mc))
+        if due:
+            self.tau, self.tau_step = self.fit_tau(teacher.eps, mc.k, step), step
         return self.tau
 
     def fit_tau(self, eps_fn, k: int, step: int) -> float:
@@ -205,6 +208,12 @@ class Step:
             terms["segment"] = segmentation_loss(out["seg_logits"], masks, p.dice_weight)
         return multitask_perception_loss(terms, {"classify": p.weights.classify,
                                                  "segment": p.weights.segment})
+
+
+def next_fit(last: int, mc) -> int:
+    """The step at which τ is refitted after a fit at ``last``: last + min(every, max(first, last)),
+    so fits land at 0, first, 2·first, 4·first, … until the gap reaches calibrate_every."""
+    return last + min(mc.calibrate_every, max(mc.calibrate_first, last))
 
 
 MODES: Registry[type] = Registry("training mode")

@@ -56,3 +56,22 @@ def tiny_data_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny(tmp_path, tiny_data_root):
     return lambda **sections: tiny_sweep(tmp_path, tiny_data_root, **sections)
+
+
+@pytest.fixture(scope="module")
+def gloo_group():
+    """A one-rank gloo process group for in-process DeepSpeed engines (Ray Train makes it in a
+    trial); the environment DeepSpeed reads is restored afterwards."""
+    import torch.distributed as dist
+
+    from harness.engine import destroy_process_group, prepare_environment
+
+    saved = dict(os.environ)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+    prepare_environment()
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    destroy_process_group()  # and DeepSpeed's /dev/shm workspace with it
+    os.environ.clear()
+    os.environ.update(saved)

@@ -106,9 +106,10 @@ def trial(settings: Settings, strategy: str = "sum", **overrides: Any) -> TrialC
 
 
 # the distillation teacher, as trial overrides: off; the shipped default (β = 1 and every
-# McConfig default); full (K = 8 draws on every class, every step, whole batch: B·K·C forwards)
+# McConfig default, τ's refits at their steady-state gap: P3 times them apart, steps.py);
+# full (K = 8 draws on every class, every step, whole batch: B·K·C forwards)
 TEACHERS = {"off": {"method.beta_kd": 0.0},
-            "kd": {"method.beta_kd": 1.0, "method.mc": McConfig()},
+            "kd": {"method.beta_kd": 1.0, "method.mc": McConfig(calibrate_first=McConfig().calibrate_every)},
             "full": {"method.beta_kd": 1.0,
                      "method.mc": McConfig(k=8, every=1, subset=1.0, prune_k=None, prune_keep=None)}}
 

@@ -2,13 +2,11 @@
 held-out mIoU on packed shapes masks."""
 from __future__ import annotations
 
-import os
 import re
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from harness.config import ConfigError, from_dict, trial_from_dict
@@ -18,7 +16,7 @@ from harness.evaluate_trial import load_masked_split
 from harness.step import Shard, make_step
 from harness.trial import prepare_data
 from harness.worker import mask_options
-from tests.conftest import free_port, tiny_sweep
+from tests.conftest import tiny_sweep
 
 DENSE = {"perception": {"tasks": ["classify", "segment"]}}
 
@@ -72,19 +70,8 @@ def test_segment_sets_the_seg_head_and_data_is_one_per_sweep(tmp_path):
 
 # ---------------------------------------------------------------- the step, in process
 @pytest.fixture(scope="module")
-def group():
-    """A one-rank gloo process group (as tests/harness/test_determinism.py)."""
-    from harness.engine import destroy_process_group, prepare_environment
-
-    saved = dict(os.environ)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
-    prepare_environment()
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+def group(gloo_group):
+    """The one-rank gloo group of tests/conftest.py."""
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,16 @@ killed worker from its checkpoint = an undisturbed run) is proved in test_faults
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from harness.config import from_dict
 from harness.data import make_loader
 from harness.step import Shard, make_step
 from harness.trial import prepare_data
 from harness.worker import forever, load_checkpoint, prepare_teacher, save_checkpoint
-from tests.conftest import free_port, tiny_sweep
+from tests.conftest import tiny_sweep
 
 STEPS = 4
 # wall-clock and memory metrics are not expected to repeat; everything else must, bitwise
@@ -25,21 +23,8 @@ NOT_DETERMINISTIC = {"step_time", "images_per_s", "rss_mb", "eval_seconds"}
 
 
 @pytest.fixture(scope="module")
-def group():
-    """A one-rank gloo process group: DeepSpeed engines need one (Ray Train makes it in a trial)."""
-    from harness.engine import prepare_environment
-
-    saved = dict(os.environ)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
-    prepare_environment()
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    from harness.engine import destroy_process_group
-
-    destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+def group(gloo_group):
+    """The one-rank gloo group of tests/conftest.py."""
 
 
 @pytest.fixture(scope="module")
