@@ -71,7 +71,7 @@ METRICS: dict[str, Metric] = _registry(
     # cost: per training step (reduced per trial in reports), then per evaluation
     _m("step_time", False, "s", "cost", objective=True, reduce="mean"),
     _m("images_per_s", True, "images/s", "cost", reduce="mean"),
-    _m("mc_evals", False, "forwards/step", "cost", reduce="mean"),
+    _m("mc_evals", False, "forwards/step", "cost", objective=True, reduce="mean"),  # the teacher's
     _m("rss_mb", False, "MiB", "cost", reduce="max"),
     _m("eval_seconds", False, "s", "cost"),
     _m("eval_network_evals", False, "forwards", "cost"),

@@ -241,6 +241,22 @@ def test_search_pareto_drops_dominated(dirs):
     assert 0.75 not in pareto["strategy.options.damping"].astype(float).tolist()
 
 
+def test_search_pareto_takes_the_teacher_forwards_when_they_vary():
+    """Cost = mc_evals (deterministic) when the trials differ in it, else step_time: chain B is
+    dominated on forwards (same acc and fd, more forwards) though it is faster per step."""
+    def rows(chain, acc, fd, evals, st):
+        train = [{"step": 10, "split": "train", "step_time": st, "mc_evals": evals}]
+        return trial_rows("genrep", 0, {"head_acc": acc, "fd_ref": fd}, train,
+                          params={"method.mc.chain_steps": chain})
+    df = results.frame(rows(20, 0.8, 10.0, 100.0, 0.3) + rows(40, 0.8, 10.0, 200.0, 0.1)
+                       + rows(80, 0.9, 10.0, 400.0, 0.5)).assign(sweep="mcmc")
+    s = search_table(df)
+    assert s["pareto"]["method.mc.chain_steps"].astype(int).tolist() == [80, 20]
+    assert {"mc_evals", "step_time"} <= set(s["trials"])
+    same = results.frame(rows(20, 0.8, 10.0, 8.0, 0.3) + rows(40, 0.8, 10.0, 8.0, 0.1)).assign(sweep="s")
+    assert search_table(same)["pareto"]["method.mc.chain_steps"].astype(int).tolist() == [40]
+
+
 def test_search_leaves_grid_sweeps_out(dirs):
     trials = search_table(load(list(dirs)))["trials"]
     assert set(trials["sweep"]) == {"search"} and len(trials) == 4
