@@ -277,6 +277,39 @@ TRAIN_METRICS = ("acc", "loss_ce", "loss_perc", "loss_gen", "loss_seg", "seg_acc
 
 
 @dataclass(frozen=True)
+class AblationRow:
+    """One row of the paper-shaped ablation table: an arm of the sweep under the paper's row name,
+    compared with row ``vs`` (default: the first row, the paper's baseline)."""
+
+    arm: str
+    row: str
+    vs: str | None = None
+
+
+@dataclass(frozen=True)
+class PreregistrationConfig:
+    """What the comparison decides before it runs (docs/evaluation.md, "Pre-registered
+    statistics"): primary metrics, the baseline arm, the compared arms, an equivalence margin per
+    primary metric (its units), α, the power the minimum detectable effect is stated at, and the
+    number of paired seeds. Stored in every result row's config; harness.report reads it there."""
+
+    primary: tuple[str, ...]
+    baseline: str
+    margins: dict[str, float]
+    comparisons: tuple[str, ...] = ()  # default: every arm but the baseline
+    alpha: float = 0.05
+    power: float = 0.8
+    seeds: int = 5
+    ablation: tuple[AblationRow, ...] = ()  # the paper's ablation rows, in the paper's order
+    paper_direction: dict[str, dict[str, str]] = field(default_factory=dict)  # row -> metric -> up|down
+
+    def resolved(self, arms: tuple[str, ...]) -> "PreregistrationConfig":
+        """The section with its default filled in: ``comparisons`` = every arm but the baseline."""
+        rest = tuple(a for a in arms if a != self.baseline)
+        return dataclasses.replace(self, comparisons=self.comparisons or rest)
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     name: str
     output_dir: str = "results"
@@ -294,6 +327,7 @@ class SweepConfig:
     grid: dict[str, Any] = field(default_factory=dict)  # dotted TrialConfig path -> list of values
     variants: dict[str, VariantConfig] = field(default_factory=dict)
     search: SearchConfig | None = None
+    preregistration: PreregistrationConfig | None = None
     source_file: str = "<dict>"
 
     def trial(self, strategy: str, seed: int) -> TrialConfig:
@@ -395,6 +429,11 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
                  "split": (lambda v: v in ("val", "test"), "val or test")},
     DeepSpeedConfig: {"zero_stage": (lambda v: v in (0, 1, 2, 3), "must be 0, 1, 2 or 3")},
     SearchConfig: _positive("num_samples"),
+    PreregistrationConfig: {
+        "primary": (lambda v: len(v) > 0 and len(set(v)) == len(v), "non-empty, distinct"),
+        "alpha": (lambda v: 0 < v < 0.5, "must be in (0, 0.5)"),
+        "power": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+        "seeds": (lambda v: v >= 2, "must be >= 2 (a paired t test needs two seeds)")},
     SchedulerConfig: {**_positive("grace_period"),
                       "reduction_factor": (lambda v: v >= 2, "must be >= 2"),
                       "metric": (lambda v: v in TRAIN_METRICS, f"one of {list(TRAIN_METRICS)}")},
@@ -461,6 +500,7 @@ def _cross_checks(cfg: SweepConfig, where: str) -> None:
     _check_variants(cfg, where)
     _check_combinations(cfg, where)
     _check_search(cfg, where)
+    _check_preregistration(cfg, where)
 
 
 MASK_SOURCES = ("shapes",)  # sources that pack per-pixel class masks (docs/data.md)
@@ -564,7 +604,7 @@ def _sweep_path(path: str, strategy: str) -> list[str]:
 def _plain(cfg: SweepConfig) -> dict[str, Any]:
     """The sweep as a plain mapping without its grid, variants and search (re-validatable)."""
     raw = asdict(cfg)
-    for key in ("grid", "variants", "search", "source_file"):
+    for key in ("grid", "variants", "search", "preregistration", "source_file"):
         raw.pop(key)
     return raw
 
@@ -649,6 +689,84 @@ def _check_search(cfg: SweepConfig, where: str) -> None:
             check_override(cfg, {path: value}, cfg.strategies[0], f"search.space.{path}", where)
     if s.scheduler and s.scheduler.grace_period >= cfg.train.steps:
         raise ConfigError(f"{where}: search.scheduler.grace_period: must be < train.steps = {cfg.train.steps}")
+
+
+# a primary metric the held-out evaluation only produces with this perception task
+PRIMARY_NEEDS_TASK = {"head_acc": "classify", "head_ece": "classify", "miou": "segment",
+                      "pixel_acc": "segment"}
+
+
+def _check_preregistration(cfg: SweepConfig, where: str) -> None:
+    """The arms exist, every primary metric is a registered held-out metric every arm produces and
+    has a margin > 0, and the sweep runs at least the pre-registered number of paired seeds."""
+    from harness.metrics import held_out
+
+    p, at = cfg.preregistration, "preregistration"
+    if p is None:
+        return
+    if cfg.search or cfg.grid:
+        raise ConfigError(f"{where}: {at}: pairs fixed arms on seeds; a search or a grid crosses an "
+                          "arm with several configurations (use variants)")
+    arms = cfg.labels()
+    for field_, name in (("baseline", p.baseline), *((f"comparisons[{i}]", a) for i, a in enumerate(p.comparisons))):
+        if name not in arms:
+            raise ConfigError(f"{where}: {at}.{field_}: {name!r} is no arm of this sweep; arms: {list(arms)}")
+    if p.baseline in p.comparisons or len(set(p.comparisons)) != len(p.comparisons):
+        raise ConfigError(f"{where}: {at}.comparisons: distinct arms other than the baseline {p.baseline!r}")
+    tasks = {a: cfg.arm(a, cfg.seeds[0]).method.perception.tasks for a in arms}
+    for i, m in enumerate(p.primary):
+        if m not in held_out() and m != "pixel_acc":
+            raise ConfigError(f"{where}: {at}.primary[{i}]: {m!r} is not a held-out metric of the "
+                              f"registry (harness.metrics); known: {sorted({*held_out(), 'pixel_acc'})}")
+        need = PRIMARY_NEEDS_TASK.get(m)
+        lacking = [a for a in (p.baseline, *(p.comparisons or arms)) if need and need not in tasks[a]]
+        if lacking:
+            raise ConfigError(f"{where}: {at}.primary[{i}]: {m} needs the {need} task "
+                              f"(method.perception.tasks), which arm {lacking[0]!r} does not train")
+    for m in p.primary:
+        margin = p.margins.get(m)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
+            raise ConfigError(f"{where}: {at}.margins.{m}: every primary metric needs an equivalence "
+                              f"margin > 0 in the metric's units, got {margin!r}")
+    for m in p.margins:
+        if m not in p.primary:
+            raise ConfigError(f"{where}: {at}.margins.{m}: not a primary metric ({list(p.primary)})")
+    if len(cfg.seeds) < p.seeds:
+        raise ConfigError(f"{where}: seeds: {len(cfg.seeds)} listed, fewer than the {p.seeds} paired "
+                          f"seeds registered in {at}.seeds")
+    _check_ablation(p, arms, where)
+
+
+def _check_ablation(p: PreregistrationConfig, arms: tuple[str, ...], where: str) -> None:
+    """The paper-shaped rows: existing arms, distinct row names, ``vs`` another row, and each
+    paper direction (up|down) on a registered metric with a direction, for a known row."""
+    from harness.metrics import direction
+
+    at, rows = "preregistration.ablation", [r.row for r in p.ablation]
+    if len(set(rows)) != len(rows):
+        raise ConfigError(f"{where}: {at}: row names must be distinct, got {rows}")
+    for i, r in enumerate(p.ablation):
+        if r.arm not in arms:
+            raise ConfigError(f"{where}: {at}[{i}].arm: {r.arm!r} is no arm of this sweep; arms: {list(arms)}")
+        if r.vs is not None and (r.vs not in rows or r.vs == r.row):
+            raise ConfigError(f"{where}: {at}[{i}].vs: {r.vs!r} is not another row of the table")
+    for row, dirs in p.paper_direction.items():
+        here = f"preregistration.paper_direction.{row}"
+        if row not in rows:
+            raise ConfigError(f"{where}: {here}: no ablation row of that name; rows: {rows}")
+        if not isinstance(dirs, dict):
+            raise ConfigError(f"{where}: {here}: expected a mapping metric -> up|down, got {dirs!r}")
+        for m, d in dirs.items():
+            if direction(m) is None:
+                raise ConfigError(f"{where}: {here}.{m}: not a registered metric with a direction")
+            if d not in ("up", "down"):
+                raise ConfigError(f"{where}: {here}.{m}: must be up or down, got {d!r}")
+
+
+def preregistration_from_dict(raw: dict[str, Any], where: str = "<results>") -> PreregistrationConfig:
+    """The typed section back from a result row's config JSON (fields and ranges; the arms were
+    checked against the sweep when it was loaded)."""
+    return _build(PreregistrationConfig, raw, "preregistration", where)
 
 
 def _check_objectives(s: SearchConfig, where: str) -> None:

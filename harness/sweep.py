@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,8 @@ def trial_rows(res, cfg: SweepConfig, tune_trial, saved: dict[str, str], sha: st
     error = results.error_text(res.error)
     overrides = params.get("overrides") or {}
     tree = trial.to_dict() | ({"params": overrides} if overrides else {})  # grid/search values
+    if cfg.preregistration:  # in every row, so the report is a function of the results alone
+        tree["preregistration"] = asdict(cfg.preregistration.resolved(cfg.labels()))
     fields = results.trial_fields(tree, trial_name(trial), trial.hash(), status, error, sha, vers)
     rows = results.long_rows(history(res), fields)
     if status == "failed":

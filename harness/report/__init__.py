@@ -4,6 +4,9 @@
 - ``main_table`` / ``format_table``: means ± 95% t CI over seeds, paired Δ vs ``sum``, cost.
 - ``conflict_table``: conflict fraction, cos mean/median, damping applied.
 - ``search_table``: trials, best configuration, Pareto front, importance proxy.
+- ``prereg`` / ``paper``: with a pre-registration in the results (the sweep's ``preregistration``
+  section): the pre-registered comparisons (paired Δ, p, Holm, MDE, TOST, verdict), the held-out
+  curves' mean level, and the paper-shaped ablation tables.
 - ``build_report(results_dirs, out_dir)``: report.md, report.html, CSVs and PNGs.
 """
 from harness.report.build import build_report

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from harness import atomic
+from harness.report import paper, prereg
 from harness.report.plots import all_plots
 from harness.report.search import PARETO, search_table
 from harness.report.tables import (conflict_table, teacher_table, format_table, held_out_split, load, main_table,
@@ -74,7 +75,7 @@ def html_table(df: pd.DataFrame) -> str:
 
 
 def header(df: pd.DataFrame) -> list[dict]:
-    """Sweeps, seeds per strategy, held-out split, git sha(s), versions, failed trials."""
+    """Sweeps, seeds per strategy, held-out split, git sha(s), versions."""
     trials = df.drop_duplicates(["sweep", "trial"])
     done = trials[trials["status"] == "ok"]
     seeds = ", ".join(f"{s}: n={len(done[done['strategy'] == s][['sweep', 'seed']].drop_duplicates())}"
@@ -85,18 +86,25 @@ def header(df: pd.DataFrame) -> list[dict]:
                  f"(completed (sweep, seed) runs): {seeds}. Held-out split: {held_out_split(df)}."},
            {"p": f"git sha: {', '.join(sorted(map(str, trials['git_sha'].unique())))}. "
                  f"Versions: {'; '.join(vers) or 'unknown'}."}]
-    failed = trials[trials["status"] != "ok"]
-    if len(failed):
-        out += [{"p": f"{len(failed)} failed trial(s), left out of every statistic:"},
-                {"table": failed.set_index("trial")[["sweep", "strategy", "seed", "error"]]
-                 .assign(error=lambda d: d["error"].astype(str).str.slice(0, 200))}]
     return out
+
+
+def failed_trials(df: pd.DataFrame) -> list[dict]:
+    """The failed trials' table (none: no section)."""
+    trials = df.drop_duplicates(["sweep", "trial"])
+    failed = trials[trials["status"] != "ok"]
+    if not len(failed):
+        return []
+    return [{"p": f"{len(failed)} failed trial(s), left out of every statistic:"},
+            {"table": failed.set_index("trial")[["sweep", "strategy", "seed", "error"]]
+             .assign(error=lambda d: d["error"].astype(str).str.slice(0, 200))}]
 
 
 def sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], search: dict[str, pd.DataFrame],
              images: Iterable[str], baseline: str) -> list[dict]:
     main = tables["main"]
     out = [{"h1": f"genrep-bench report: {', '.join(sorted(df['sweep'].unique()))}"}, *header(df),
+           *preregistered(tables), *failed_trials(df),
            {"h2": "Main results"}, {"p": CI_NOTE},
            {"table": {m: format_table(main, "mean", m) for m in ("md", "html")}},
            {"h2": f"Δ against {baseline}"}, {"p": DELTA_NOTE.format(b=baseline)},
@@ -115,6 +123,33 @@ def sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], search: dict[str
                 {"h3": f"Trials ({len(trials)}; first {MAX_TRIAL_ROWS} here, all in search_trials.csv)"},
                 {"table": trials.head(MAX_TRIAL_ROWS).set_index("trial")}]
     out += [{"h2": "Figures"}, *({"img": name} for name in images), {"foot": FOOTNOTE}]
+    return out
+
+
+def both(table: pd.DataFrame, fmt) -> dict[str, pd.DataFrame]:
+    """A formatted table as Markdown and as HTML strings (``fmt`` gives the cells)."""
+    out = {m: as_strings(fmt(table), m) for m in ("md", "html")}
+    out["html"].index = out["html"].index.map(lambda v: html.escape(str(v)))  # row names are free text
+    return out
+
+
+def preregistered(tables: dict[str, Any]) -> list[dict]:
+    """The paper-shaped tables (first, when the pre-registration names ablation rows), the
+    pre-registered comparisons and the curves' mean level; nothing without a pre-registration."""
+    p, note = tables.get("preregistration"), tables.get("prereg_note")
+    if p is None:
+        return [{"p": note}] if note else []
+    out = []
+    if len(tables["ablation"]):
+        out += [{"h2": "The paper's ablation table, on our arms"}, {"p": paper.PAPER_NOTE},
+                {"table": both(tables["ablation"], lambda t: paper.format_ablation(t, p))},
+                {"h3": "Direction: the paper's and ours"}, {"p": paper.DIRECTION_NOTE},
+                {"table": both(tables["ablation_direction"], paper.format_direction)}]
+    out += [{"h2": "Pre-registered comparisons"}, {"p": prereg.note(p)},
+            {"table": both(tables["prereg"], lambda t: prereg.format_prereg(t, p))}]
+    if len(tables["auc"]):
+        out += [{"h3": "Held-out curves: end value and mean level"}, {"p": prereg.AUC_NOTE},
+                {"table": both(tables["auc"], lambda t: prereg.format_auc(t, p.baseline))}]
     return out
 
 
@@ -163,20 +198,37 @@ def render_html(secs: list[dict], images: dict[str, bytes]) -> str:
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+def prereg_tables(df: pd.DataFrame) -> dict[str, Any]:
+    """The pre-registration the results carry and its tables (``prereg``, ``auc``, ``ablation``,
+    ``ablation_direction``); only a note, or nothing, without one."""
+    p, note = prereg.preregistration(df)
+    if p is None:
+        return {"prereg_note": note} if note else {}
+    main = prereg.prereg_table(df, p)
+    return {"preregistration": p, "prereg": main, "auc": prereg.auc_table(df, p),
+            "ablation": paper.ablation_table(df, p),
+            "ablation_direction": paper.direction_table(df, p, main)}
+
+
 def build_report(results_dirs: list, out_dir, baseline: str = "sum") -> dict[str, Path]:
     """Write report.md, report.html, one CSV per table and the PNGs into ``out_dir``.
 
     Returns file name → path (``report.md``, ``report.html``, ``main.csv``, ``conflict.csv``,
-    ``search_*.csv`` when a search was run, and each PNG the data supports).
+    ``search_*.csv`` when a search was run; ``prereg.csv``, ``auc.csv``, ``ablation.csv``,
+    ``ablation_direction.csv`` when the sweep pre-registered its comparisons and the data has
+    them; and each PNG the data supports).
     """
     out_dir = Path(out_dir)
     df = load(results_dirs)
     tables = {"main": main_table(df, baseline=baseline), "conflict": conflict_table(df),
               "teacher": teacher_table(df, baseline=baseline)}
+    extra = prereg_tables(df)
     search = search_table(df)
     images = all_plots(df, search)
     paths = {name: write_atomic(out_dir / name, data) for name, data in images.items()}
-    csvs = {**tables, **{f"search_{k}": v for k, v in search.items() if not v.empty}}
+    csvs = {**tables, **{k: v for k, v in extra.items() if isinstance(v, pd.DataFrame) and len(v)},
+            **{f"search_{k}": v for k, v in search.items() if not v.empty}}
+    tables |= extra
     for name, t in csvs.items():
         paths[f"{name}.csv"] = write_atomic(out_dir / f"{name}.csv", t.to_csv(index=False))
     secs = sections(df, tables, search, images, baseline)

@@ -1,0 +1,365 @@
+"""Pre-registered statistics: the sweep file's section, the maths by hand, and the report's tables.
+
+Synthetic results (arms sum = baseline, genrep, pcgrad; seeds 0, 1, 2; held-out val evaluations at
+steps 0, 10 and 20; primary head_acc ↑ (margin 0.01) and fd_ref ↓ (margin 2)):
+  head_acc  sum    [0.70, 0.80, 0.90]
+            genrep [0.72, 0.84, 0.96]     d = [.02, .04, .06]: d̄ .04, s .02, t = 2√3 = 3.4641
+            pcgrad [0.701, 0.799, 0.90]   d = [.001, −.001, 0]: d̄ 0, s .001, t 0, p 1
+  fd_ref    sum    [10, 12, 14]
+            genrep [7, 9, 11]             d = [−3, −3, −3]: s 0, p 0 (every seed moved by −3)
+            pcgrad [13, 15.1, 16.9]       d = [3, 3.1, 2.9]: d̄ 3, s .1, t = 30√3 = 51.96
+Two-sided p of the paired t with n − 1 = 2 degrees of freedom: p = 1 − t/√(2 + t²) (A&S 26.7.4).
+Holm over m = 4: sorted p (0, p_pf, p_gh, 1) → (4·0, 3·p_pf, 2·p_gh, 1·1), running max, cap 1.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from harness import results
+from harness.config import ConfigError, from_dict
+from harness.report import build_report, load
+from harness.report.paper import ablation_table, direction_table, format_ablation, format_direction
+from harness.report.prereg import (auc_table, format_auc, format_prereg, paired, preregistration,
+                                   prereg_table)
+from harness.report.stats import (VERDICTS, curve_mean, holm, mde_paired, paired_t_test, t_cdf,
+                                  t_quantile, tost_interval, verdict)
+from tests.conftest import ROOT
+
+HEAD = {"sum": [0.70, 0.80, 0.90], "genrep": [0.72, 0.84, 0.96], "pcgrad": [0.701, 0.799, 0.90]}
+FD = {"sum": [10.0, 12.0, 14.0], "genrep": [7.0, 9.0, 11.0], "pcgrad": [13.0, 15.1, 16.9]}
+PREREG = {"primary": ["head_acc", "fd_ref"], "baseline": "sum", "comparisons": ["genrep", "pcgrad"],
+          "margins": {"head_acc": 0.01, "fd_ref": 2.0}, "alpha": 0.05, "power": 0.8, "seeds": 3,
+          "ablation": [{"arm": "sum", "row": "Baseline"}, {"arm": "genrep", "row": "+ alignment"},
+                       {"arm": "pcgrad", "row": "+ projection", "vs": "+ alignment"}],
+          "paper_direction": {"+ alignment": {"head_acc": "up", "fd_ref": "down"}}}
+SQ3 = math.sqrt(3)
+
+
+def p_df2(t: float) -> float:
+    """Two-sided p of Student's t with 2 degrees of freedom, by hand: 1 − |t|/√(2 + t²)."""
+    return 1 - abs(t) / math.sqrt(2 + t * t)
+
+
+# ---------------------------------------------------------------- the maths, by hand
+def test_t_distribution_closed_forms():
+    assert t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + arctan(1)/π
+    assert t_cdf(2.0, 2) == pytest.approx(0.5 + 2 / (2 * math.sqrt(6)))  # 1/2 + t/(2√(2+t²))
+    assert t_cdf(math.sqrt(3), 3) == pytest.approx(0.5 + 0.25 + 1 / (2 * math.pi))  # θ = π/4
+    assert t_cdf(-2.0, 2) == pytest.approx(1 - t_cdf(2.0, 2)) and t_cdf(0.0, 7) == 0.5
+    # df = 2 quantile in closed form: t_q = a√2/√(1 − a²), a = 2q − 1
+    assert t_quantile(2, 0.8, use_scipy=False) == pytest.approx(0.6 * math.sqrt(2) / 0.8)
+    scipy = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 4, 5, 8, 13):
+        for x in (-4.1, -0.3, 0.9, 2.2, 30.0):
+            assert t_cdf(x, df) == pytest.approx(scipy.t.cdf(x, df), abs=1e-12)
+
+
+def test_paired_t_test_by_hand():
+    r = paired_t_test([0.02, 0.04, 0.06])
+    assert (r["mean"], r["sd"], r["n"]) == (pytest.approx(0.04), pytest.approx(0.02), 3)
+    assert r["t"] == pytest.approx(2 * SQ3)  # 0.04/(0.02/√3)
+    assert r["p"] == pytest.approx(p_df2(2 * SQ3))  # 1 − √12/√14 = 0.07418
+    assert r["p"] == pytest.approx(0.0741799, abs=1e-6)
+    assert paired_t_test([-3.0, -3.0, -3.0])["p"] == 0.0  # s = 0, d̄ ≠ 0
+    assert paired_t_test([0.0, 0.0])["p"] == 1.0
+    assert math.isnan(paired_t_test([0.5])["p"])
+
+
+def test_holm_textbook_example():
+    """Four hypotheses with p = 0.01, 0.04, 0.03, 0.005 (the Holm–Bonferroni example): sorted
+    0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 → running max 0.06; at α = 0.05 H1 and H4
+    are rejected, H2 and H3 are not."""
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1 (0.5·2 = 1.0, max(1, .6))
+    adj = holm([0.01, float("nan")])  # a missing comparison still counts in m = 2
+    assert adj[0] == pytest.approx(0.02) and math.isnan(adj[1])
+
+
+def test_mde_formula():
+    # (t_{.975,2} + t_{.8,2})·s/√n with the df = 2 closed form t_q = a√2/√(1 − a²)
+    t975, t80 = 0.95 * math.sqrt(2) / math.sqrt(1 - 0.95**2), 0.6 * math.sqrt(2) / 0.8
+    assert (t975, t80) == (pytest.approx(4.302653, abs=1e-6), pytest.approx(1.060660, abs=1e-6))
+    assert mde_paired(0.02, 3) == pytest.approx((t975 + t80) * 0.02 / SQ3)  # 0.06193
+    assert mde_paired(0.02, 3) == pytest.approx(0.061930, abs=1e-6)
+    assert mde_paired(0.02, 12) < mde_paired(0.02, 3)  # more seeds: a smaller detectable effect
+    assert math.isnan(mde_paired(0.02, 1))
+
+
+def test_tost_cases():
+    t95 = 0.9 * math.sqrt(2) / math.sqrt(1 - 0.81)  # t_{.95,2} = 2.919986
+    lo, hi = tost_interval(0.04, 0.02, 3, alpha=0.05)  # the 90% interval
+    assert (lo, hi) == (pytest.approx(0.04 - t95 * 0.02 / SQ3), pytest.approx(0.04 + t95 * 0.02 / SQ3))
+    assert (lo, hi) == (pytest.approx(0.006283, abs=1e-6), pytest.approx(0.073717, abs=1e-6))
+    assert verdict(0.04, 0.5, (lo, hi), 0.08, True) == "equivalent within the margin"  # inside ±0.08
+    assert verdict(0.04, 0.5, (lo, hi), 0.05, True) == "inconclusive"  # 0.0737 > 0.05
+    assert verdict(0.04, 0.5, (-0.01, 0.01), 0.01, True) == "inconclusive"  # on the edge: not inside
+    assert verdict(0.0, 0.5, (lo, hi), None, True) == "inconclusive"  # no margin: no equivalence
+
+
+def test_verdict_cases_and_sign_flip():
+    inside = (-0.001, 0.001)
+    assert verdict(+0.04, 0.01, inside, 0.01, True) == "better"  # higher is better, Δ > 0
+    assert verdict(-0.04, 0.01, inside, 0.01, True) == "worse"
+    assert verdict(+3.0, 0.01, (2.0, 4.0), 2.0, False) == "worse"  # fd_ref ↓: a rise is worse
+    assert verdict(-3.0, 0.01, (-4.0, -2.0), 2.0, False) == "better"
+    assert verdict(+0.04, 0.05, inside, 0.01, True) == "equivalent within the margin"  # p = α: no
+    assert verdict(+0.04, float("nan"), (float("nan"),) * 2, 0.01, True) == "inconclusive"
+    assert set(VERDICTS) == {"better", "worse", "equivalent within the margin", "inconclusive"}
+
+
+def test_curve_mean_trapezoid():
+    # steps 0, 10, 30; values 0, 1, 1: area 10·(0+1)/2 + 20·(1+1)/2 = 25, range 30 → 0.8333
+    assert curve_mean([0, 10, 30], [0.0, 1.0, 1.0]) == pytest.approx(25 / 30)
+    assert curve_mean([30, 0, 10], [1.0, 0.0, 1.0]) == pytest.approx(25 / 30)  # order-free
+    assert curve_mean([0, 5, 9], [0.4, 0.4, 0.4]) == pytest.approx(0.4)  # a flat curve: its level
+    assert math.isnan(curve_mean([20], [0.9])) and math.isnan(curve_mean([5, 5], [0.1, 0.2]))
+
+
+# ---------------------------------------------------------------- the sweep file's section
+def sweep(**prereg) -> dict:
+    raw = yaml.safe_load((ROOT / "sweeps" / "compare.yaml").read_text())
+    raw["seeds"] = [0, 1, 2, 3, 4]
+    raw["preregistration"] = {"primary": ["head_acc", "fd_ref"], "baseline": "sum",
+                              "margins": {"head_acc": 0.01, "fd_ref": 2.0},
+                              "ablation": [{"arm": "sum_nokd", "row": "Baseline"},
+                                           {"arm": "sum", "row": "+ generative perception learning"}],
+                              "paper_direction": {"+ generative perception learning":
+                                                  {"head_acc": "up", "fd_ref": "down"}}} | prereg
+    return raw
+
+
+@pytest.fixture(scope="module")
+def valid():
+    return from_dict(sweep(), "sweeps/x.yaml")
+
+
+def test_the_section_parses_with_defaults(valid):
+    p = valid.preregistration
+    assert (p.primary, p.baseline, p.alpha, p.power, p.seeds) == (("head_acc", "fd_ref"), "sum", 0.05, 0.8, 5)
+    assert p.ablation[1].row == "+ generative perception learning" and p.ablation[1].vs is None
+    full = p.resolved(valid.labels()).comparisons  # default: every other arm, variants included
+    assert "sum" not in full and {"genrep", "pcgrad", "separate", "sum_w", "sum_nokd"} <= set(full)
+    assert valid.trials()  # the variants' overrides still validate with the section present
+
+
+@pytest.mark.parametrize("patch, seeds, words", [
+    ({}, [0, 1, 2], "sweeps/x.yaml: seeds: 3 listed, fewer than the 5 paired seeds registered in "
+                    "preregistration.seeds"),
+    ({"baseline": "summ"}, None, "preregistration.baseline: 'summ' is no arm of this sweep"),
+    ({"comparisons": ["genrep", "nope"]}, None, "preregistration.comparisons[1]: 'nope' is no arm"),
+    ({"comparisons": ["sum"]}, None, "preregistration.comparisons: distinct arms other than the baseline"),
+    ({"primary": ["acc"], "margins": {"acc": 1}}, None, "preregistration.primary[0]: 'acc' is not a held-out"),
+    ({"primary": ["miou"], "margins": {"miou": 0.01}}, None, "primary[0]: miou needs the segment task"),
+    ({"margins": {"head_acc": 0.01}}, None, "preregistration.margins.fd_ref: every primary metric needs"),
+    ({"margins": {"head_acc": 0.01, "fd_ref": 0}}, None, "preregistration.margins.fd_ref"),
+    ({"margins": {"head_acc": 0.01, "fd_ref": 2, "sample_acc": 0.1}}, None,
+     "preregistration.margins.sample_acc: not a primary metric"),
+    ({"alpha": 0.5}, None, "preregistration.alpha: must be in (0, 0.5)"),
+    ({"seeds": 1}, None, "preregistration.seeds: must be >= 2"),
+    ({"primary": ["head_acc", "head_acc"]}, None, "preregistration.primary: non-empty, distinct"),
+    ({"ablation": [{"arm": "zz", "row": "B"}], "paper_direction": {}}, None, "ablation[0].arm: 'zz'"),
+    ({"ablation": [{"arm": "sum", "row": "B"}, {"arm": "pcgrad", "row": "B"}], "paper_direction": {}},
+     None, "row names must be distinct"),
+    ({"ablation": [{"arm": "sum", "row": "B", "vs": "B"}], "paper_direction": {}}, None, "ablation[0].vs"),
+    ({"paper_direction": {"+ x": {"head_acc": "up"}}}, None, "paper_direction.+ x: no ablation row"),
+    ({"paper_direction": {"+ generative perception learning": {"head_acc": "higher"}}}, None,
+     "paper_direction.+ generative perception learning.head_acc: must be up or down"),
+    ({"paper_direction": {"+ generative perception learning": {"cos": "up"}}}, None,
+     "not a registered metric with a direction"),
+    ({"bogus": 1}, None, "preregistration.bogus: unknown field"),
+])
+def test_bad_sections_name_the_field_and_the_file(patch, seeds, words):
+    raw = sweep(**patch)
+    if seeds:
+        raw["seeds"] = seeds
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw, "sweeps/x.yaml")
+    assert str(e.value).startswith("sweeps/x.yaml: ") and words in str(e.value)
+
+
+def test_no_preregistration_with_a_grid_or_search():
+    raw = sweep()
+    raw["grid"] = {"train.lr": [0.001, 0.002]}
+    with pytest.raises(ConfigError, match="preregistration: pairs fixed arms on seeds"):
+        from_dict(raw, "sweeps/x.yaml")
+
+
+def test_every_result_row_carries_it(valid):
+    """harness.sweep.trial_rows stores the section (comparisons resolved) in the row's config."""
+    from harness.sweep import trial_rows
+
+    report = {"step": 300, "split": "val", "head_acc": 0.9}
+    res = SimpleNamespace(config={"variant": "sum_w", "seed": 3}, error=None, metrics=report,
+                          metrics_dataframe=pd.DataFrame([report]))
+    rows, _ = trial_rows(res, valid, SimpleNamespace(trial_id="t", status="TERMINATED",
+                                                      num_failures=0), {}, "sha", "{}")
+    stored = json.loads(rows[0]["config"])["preregistration"]
+    assert stored["baseline"] == "sum" and "sum_w" in stored["comparisons"]
+    p, note = preregistration(results.frame(rows).assign(sweep="x"))
+    assert note is None and p.comparisons == valid.preregistration.resolved(valid.labels()).comparisons
+
+
+# ---------------------------------------------------------------- the report's tables
+def rows_of(arm: str, seed: int, prereg: dict | None, failed: bool = False) -> list[dict]:
+    """Held-out val evaluations at steps 0 (untrained: 0.1, fd 100), 10 and 20 (both the end value)."""
+    cfg = {"strategy": {"name": arm}, "seed": seed, **({"preregistration": prereg} if prereg else {})}
+    fields = results.trial_fields(cfg, f"{arm}-{seed}", "h", "failed" if failed else "ok", "", "sha", "{}")
+    head, fd = HEAD[arm][seed], FD[arm][seed]
+    history = [{"step": 0, "split": "val", "head_acc": 0.1, "fd_ref": 100.0, "sample_acc": 0.1}]
+    history += [{"step": s, "split": "val", "head_acc": head, "fd_ref": fd, "sample_acc": 0.5}
+                for s in (10, 20)]
+    return results.long_rows(history, fields)
+
+
+def frame(prereg=PREREG, extra=()) -> pd.DataFrame:
+    rows = [r for arm in HEAD for seed in range(3) for r in rows_of(arm, seed, prereg)]
+    return results.frame(rows + list(extra)).assign(sweep="pre")
+
+
+@pytest.fixture(scope="module")
+def df():
+    return frame()
+
+
+@pytest.fixture(scope="module")
+def p(df):
+    return preregistration(df)[0]
+
+
+@pytest.fixture(scope="module")
+def table(df, p):
+    return prereg_table(df, p).set_index(["arm", "metric"])
+
+
+def test_prereg_table_by_hand(table):
+    gh, gf, ph, pf = (table.loc[k] for k in [("genrep", "head_acc"), ("genrep", "fd_ref"),
+                                            ("pcgrad", "head_acc"), ("pcgrad", "fd_ref")])
+    assert gh["delta"] == pytest.approx(0.04) and gh["n"] == 3
+    assert gh["ci95"] == pytest.approx(4.302653 * 0.02 / SQ3, abs=1e-6)
+    assert gh["p"] == pytest.approx(p_df2(2 * SQ3))
+    assert gh["mde"] == pytest.approx(0.061930, abs=1e-6)
+    assert (gh["tost_lo"], gh["tost_hi"]) == (pytest.approx(0.006283, abs=1e-6), pytest.approx(0.073717, abs=1e-6))
+    assert gf["p"] == 0.0 and pf["p"] == pytest.approx(p_df2(30 * SQ3))
+    assert ph["p"] == pytest.approx(1.0) and ph["delta"] == pytest.approx(0.0, abs=1e-12)
+    # Holm, m = 4: sorted (gf 0, pf, gh, ph 1) × (4, 3, 2, 1), running max
+    assert gf["p_holm"] == 0.0 and pf["p_holm"] == pytest.approx(3 * p_df2(30 * SQ3))
+    assert gh["p_holm"] == pytest.approx(2 * p_df2(2 * SQ3)) and ph["p_holm"] == 1.0
+    assert gf["verdict"] == "better"  # fd_ref fell by 3 on every seed: lower is better
+    assert pf["verdict"] == "worse"  # fd_ref rose by 3
+    assert gh["verdict"] == "inconclusive"  # p (Holm) 0.148; the 90% CI reaches 0.074 > 0.01
+    # pcgrad head_acc: s = 0.001, 90% CI ±t_{.95,2}·0.001/√3 = ±0.00169 inside ±0.01
+    assert ph["verdict"] == "equivalent within the margin"
+
+
+def test_format_prereg(table, p):
+    t = format_prereg(table.reset_index(), p)
+    row = t[t["metric"] == "fd_ref ↓"].loc["genrep − sum"]
+    assert (row["p"], row["p (Holm)"], row["verdict"], row["margin"]) == ("<0.001", "<0.001", "better", "±2")
+    assert t[t["metric"] == "head_acc ↑"].loc["genrep − sum", "Δ ± 95% CI"] == "+0.040 ± 0.050"
+    assert t[t["metric"] == "head_acc ↑"].loc["genrep − sum", "MDE (power 0.8)"] == "0.0619"
+
+
+def test_fewer_paired_seeds_than_registered_is_stated(p):
+    more = dict(PREREG, seeds=5)
+    t = format_prereg(prereg_table(frame(more), preregistration(frame(more))[0]), p)
+    assert set(t["n"]) == {"3 (5 registered)"}
+
+
+def test_auc_table_by_hand(df, p):
+    """Curve (0.1, f, f) at steps (0, 10, 20): (10·(0.1 + f)/2 + 10·f)/20 = 0.025 + 0.75·f."""
+    t = auc_table(df, p).set_index(["arm", "metric"])
+    s, g = t.loc[("sum", "head_acc")], t.loc[("genrep", "head_acc")]
+    assert s["auc"] == pytest.approx(0.025 + 0.75 * 0.8) and s["end"] == pytest.approx(0.8)
+    assert g["delta_auc"] == pytest.approx(0.75 * 0.04)
+    assert g["delta_auc_ci"] == pytest.approx(0.75 * 4.302653 * 0.02 / SQ3, abs=1e-6)
+    assert math.isnan(s["delta_auc"])
+    f = format_auc(auc_table(df, p), "sum")
+    assert f.loc["sum", "head_acc Δ mean level"] == "(baseline)"
+    assert f.loc["genrep", "head_acc Δ mean level"] == pm_text(0.03, 0.75 * 4.302653 * 0.02 / SQ3)
+
+
+def pm_text(mean, ci):
+    from harness.report.tables import pm
+
+    return pm(mean, ci, signed=True)
+
+
+def test_no_auc_with_one_evaluation(p):
+    only_end = frame()
+    only_end = only_end[only_end["step"] == 20]
+    assert auc_table(only_end, p).empty
+
+
+def test_paper_ablation_table(df, p):
+    t = format_ablation(ablation_table(df, p), p)
+    assert t.index.tolist() == ["Baseline", "+ alignment", "+ projection"]  # the given order
+    assert t.columns.tolist() == ["arm", "n", "Top-1 (head_acc) ↑", "generation: fd_ref ↓",
+                                  "generation: sample_acc ↑"]  # no miou in these results
+    assert t.loc["Baseline", "Top-1 (head_acc) ↑"] == "0.80 ± 0.25"
+    assert t.loc["+ alignment", "arm"] == "genrep"
+
+
+def test_paper_direction_table(df, p):
+    tidy = direction_table(df, p, prereg_table(df, p))
+    t = format_direction(tidy)
+    assert t.loc["+ alignment", "vs"] == "Baseline" and t.loc["+ projection", "vs"] == "+ alignment"
+    assert t.loc["+ alignment", "fd_ref: paper"] == "↓ (better)"
+    assert t.loc["+ alignment", "Top-1: paper"] == "↑ (better)"
+    assert t.loc["+ alignment", "fd_ref: ours"].startswith("better (-3")  # pre-registered, Holm
+    assert t.loc["+ alignment", "Top-1: ours"].startswith("inconclusive (")
+    assert t.loc["+ projection", "Top-1: paper"] == "—"
+    # pcgrad − genrep on fd_ref: d = [6, 6.1, 5.9], unadjusted p = 1 − t/√(2 + t²), t = 60√3: †
+    row = tidy[(tidy["row"] == "+ projection") & (tidy["metric"] == "fd_ref")].iloc[0]
+    assert row["p"] == pytest.approx(p_df2(60 * SQ3)) and not row["preregistered"]
+    assert t.loc["+ projection", "fd_ref: ours"].startswith("worse† (+6")
+
+
+def test_one_sided_rows_without_results_say_so(df):
+    q = preregistration(df)[0]
+    gone = df[df["strategy"] != "pcgrad"]
+    t = format_direction(direction_table(gone, q, prereg_table(gone, q)))
+    assert t.loc["+ projection", "Top-1: ours"] == "— (no paired seeds)"
+    assert paired(pd.Series(dtype=float), "a", "b").empty
+
+
+def test_different_preregistrations_are_not_mixed(df):
+    other = frame(dict(PREREG, alpha=0.01)).assign(sweep="other")
+    p, note = preregistration(pd.concat([df, other]))
+    assert p is None and "2 different pre-registrations" in note
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, df):
+    root = tmp_path_factory.mktemp("prereg")
+    results.write_parquet_atomic(df.drop(columns="sweep"), root / "pre" / "results.parquet")
+    return build_report([root / "pre"], root / "out")
+
+
+def test_report_sections_and_files(report):
+    md = report["report.md"].read_text()
+    first_table = md.index("\n| ")
+    assert md.index("## The paper's ablation table, on our arms") < first_table < md.index("## Main results")
+    assert md.index("## Pre-registered comparisons") < md.index("## Main results")
+    assert "45.4 / 27.8 / 13.27" in md and "equivalent within the margin" in md
+    assert "Held-out curves: end value and mean level" in md
+    for name in ("prereg.csv", "auc.csv", "ablation.csv", "ablation_direction.csv"):
+        assert pd.read_csv(report[name]).shape[0] > 0, name
+    verdicts = set(pd.read_csv(report["prereg.csv"])["verdict"])
+    assert verdicts == set(VERDICTS)  # all four words appear in this constructed case
+    html = report["report.html"].read_text()
+    assert "+ alignment" in html and "<td>better" in html.replace("<td style", "<td")
+
+
+def test_a_report_without_preregistration_is_unchanged(tmp_path):
+    plain = frame(prereg=None)
+    results.write_parquet_atomic(plain.drop(columns="sweep"), tmp_path / "r" / "results.parquet")
+    paths = build_report([tmp_path / "r"], tmp_path / "out")
+    md = paths["report.md"].read_text()
+    assert "Pre-registered" not in md and "paper's ablation" not in md and "prereg.csv" not in paths
