@@ -8,7 +8,10 @@ The same weights serve both tasks (docs/method.md, "The network"):
 - dense perception (``seg_head=True``): ``seg_logits(x)`` reads the outputs of the denoiser's
   decoder blocks (same t_p, same ∅) and a small task decoder (``SegHead``) turns them into
   per-pixel logits at input resolution: class 0 is background, class c + 1 is shape class c.
-  ``perceive(x)`` feeds both heads from one backbone pass.
+  ``perceive(x)`` feeds both heads from one backbone pass;
+- semantic-driven generation (``semantic=True``, issue 21): ``semantic_features(x)`` is x_sem,
+  the pooled perception features, and ``eps_semantic(x_t, t, c, x_sem)`` adds the module's
+  correction Δε(x_t, x_sem) to ε (``genrep.semantic``).
 
 Backbones are registered by name (``unet``, ``dit``); presets give the sizes for the 16×16
 digits default and for 32×32 / 64×64 RGB data.
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrep.registry import Registry
+from genrep.semantic import SemanticModulation
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class ModelConfig:
     t_perception: int = 10  # t_p: the fixed small timestep at which features are read
     seg_head: bool = False  # a segmentation head on the decoder blocks' outputs (issue 22)
     seg_hidden: int = 32  # channels of the segmentation decoder
+    semantic: bool = False  # the semantic modulation module (issue 21, genrep/semantic.py)
+    sem_hidden: int = 64  # hidden width of f_σ and of the REPA projector
 
     @property
     def seg_classes(self) -> int:
@@ -82,6 +88,28 @@ class Backbone(nn.Module):
 
     def features(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def feature_layer(self) -> nn.Module:
+        """The module whose output ``features`` pools."""
+        raise NotImplementedError
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """``feature_layer``'s output → Tensor[B, feature_dim], as ``features`` pools it."""
+        raise NotImplementedError
+
+    def eps_and_features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε_θ(x_t, t, c), pooled features of the same pass): one forward of ``eps``, with a
+        forward hook on ``feature_layer`` keeping its output (so ε is bitwise ``eps``'s)."""
+        seen: list[torch.Tensor] = []
+        handle = self.feature_layer().register_forward_hook(lambda m, i, o: seen.append(o))
+        try:
+            eps = self.eps(x_t, t, labels)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise RuntimeError(f"the feature layer ran {len(seen)} times in one forward")
+        return eps, self.pool(seen[0])
 
     def features_and_dense(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
                            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -134,7 +162,14 @@ class UNetBackbone(Backbone):
     def features(self, x, t, labels):
         """Mean-pooled mid-block activations; runs only the encoder half (conv_in, down, mid)."""
         mid, _ = self._encode(x, self._embedding(t, labels, x.dtype))
-        return mid.mean(dim=(2, 3))
+        return self.pool(mid)
+
+    def feature_layer(self):
+        return self.unet.mid_block
+
+    def pool(self, h):
+        """Mean over H×W of the mid block's output [B, C, h, w]."""
+        return h.mean(dim=(2, 3))
 
     def features_and_dense(self, x, t, labels):
         """Pooled mid block and every up block's output, coarse to fine, from one pass.
@@ -172,6 +207,12 @@ class DiTBackbone(Backbone):
             in_channels=cfg.channels, out_channels=cfg.channels, num_layers=cfg.dit_depth,
             sample_size=cfg.image_size, patch_size=cfg.dit_patch,
             num_embeds_ada_norm=cfg.num_classes + 1, norm_num_groups=1)
+        # diffusers' DiT drops each block's label on its own (LabelEmbedding, p = 0.1 in train
+        # mode, from the global RNG, to an extra row): label dropout is ours (draws.drop → ∅),
+        # so it is switched off; the extra row stays, unused, so seeded inits are unchanged
+        for module in self.dit.modules():
+            if hasattr(module, "dropout_prob") and hasattr(module, "token_drop"):
+                module.dropout_prob = 0.0
         self.channels = cfg.channels
         self.patch = cfg.dit_patch
         self.feature_dim = cfg.dit_heads * cfg.dit_head_dim
@@ -186,6 +227,13 @@ class DiTBackbone(Backbone):
         h = d.pos_embed(x)
         for block in d.transformer_blocks[: self.middle]:
             h = block(h, timestep=t, class_labels=labels)
+        return self.pool(h)
+
+    def feature_layer(self):
+        return self.dit.transformer_blocks[self.middle - 1]
+
+    def pool(self, h):
+        """Mean over the tokens [B, N, D] after the middle block."""
         return h.mean(dim=1)
 
     def features_and_dense(self, x, t, labels):
@@ -252,10 +300,28 @@ class GenRepModel(nn.Module):
         # built after the other modules and only when on, so seeded inits without it are unchanged
         self.seg_head = (SegHead(self.backbone.dense_channels, cfg.seg_hidden, cfg.seg_classes)
                          if cfg.seg_head else None)
+        # built last, for the same reason: a model without it initialises as before
+        self.semantic = (SemanticModulation(cfg.channels, self.backbone.feature_dim, cfg.sem_hidden)
+                         if cfg.semantic else None)
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """ε_θ(x_t, t, c); ``labels == null_class`` is the unconditional model."""
         return self.backbone.eps(x_t, t, labels)
+
+    def eps_and_features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε_θ(x_t, t, c) [B, C, H, W], the denoiser's pooled features [B, F] at the layer
+        ``backbone.features`` reads) from one forward; ε is bitwise ``eps``'s."""
+        return self.backbone.eps_and_features(x_t, t, labels)
+
+    def eps_semantic(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                     x_sem: torch.Tensor) -> torch.Tensor:
+        """ε_θ(x_t, t, c, x_sem) = ε_θ(x_t, t, c) + Δε(x_t, x_sem) (GenRep's mean correction in ε
+        form, ``SemanticModulation.delta_eps``); x_sem is used as given (detach it to stop its
+        gradient)."""
+        if self.semantic is None:
+            raise ValueError("eps_semantic needs the semantic module: ModelConfig(semantic=True)")
+        return self.eps(x_t, t, labels) + self.semantic.delta_eps(x_t, x_sem)
 
     def _perception_condition(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(t_p, ∅) for every image: perception reads the clean input, unconditionally."""
@@ -266,7 +332,11 @@ class GenRepModel(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """z = head(pool(features(x, t_p, ∅))): the clean input read at the fixed small t_p."""
-        return self.head(self.backbone.features(x, *self._perception_condition(x)))
+        return self.head(self.semantic_features(x))
+
+    def semantic_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x_sem = pool(features(x, t_p, ∅)) [B, F]: exactly what the classification head reads."""
+        return self.backbone.features(x, *self._perception_condition(x))
 
     def seg_logits(self, x: torch.Tensor) -> torch.Tensor:
         """S = seg_head(decoder levels(x, t_p, ∅)) ∈ R^{B×(C+1)×H×W}; class 0 is the background."""
@@ -283,7 +353,10 @@ class GenRepModel(nn.Module):
         return {"logits": self.head(pooled), "seg_logits": self.seg_head(levels, tuple(x.shape[-2:]))}
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.backbone.parameters() if p.requires_grad]
+        """The backbone's, then the semantic module's when on: it takes the generation gradient,
+        and the gradient-alignment strategies see it."""
+        shared = [self.backbone] + ([self.semantic] if self.semantic is not None else [])
+        return [p for m in shared for p in m.parameters() if p.requires_grad]
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Task-specific parameters: the classification head, then the seg head when on."""
