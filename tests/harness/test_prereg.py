@@ -363,3 +363,17 @@ def test_a_report_without_preregistration_is_unchanged(tmp_path):
     paths = build_report([tmp_path / "r"], tmp_path / "out")
     md = paths["report.md"].read_text()
     assert "Pre-registered" not in md and "paper's ablation" not in md and "prereg.csv" not in paths
+
+
+def test_the_documented_example_validates():
+    """docs/sweeps.md's example section, on the dense sweep (classify + segment, so miou is
+    produced by every arm): it must load as written."""
+    import re
+
+    text = (ROOT / "docs" / "sweeps.md").read_text()
+    block = text[text.index("## Pre-registration"):]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", block, re.S).group(1))
+    raw = yaml.safe_load((ROOT / "sweeps" / "dense_shapes.yaml").read_text())
+    raw.update(example)
+    p = from_dict(raw, "docs/sweeps.md").preregistration
+    assert p.baseline == "sum_nokd" and p.primary == ("head_acc", "miou", "fd_ref")
