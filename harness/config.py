@@ -708,7 +708,8 @@ def _check_preregistration(cfg: SweepConfig, where: str) -> None:
         raise ConfigError(f"{where}: {at}: pairs fixed arms on seeds; a search or a grid crosses an "
                           "arm with several configurations (use variants)")
     arms = cfg.labels()
-    for field_, name in (("baseline", p.baseline), *((f"comparisons[{i}]", a) for i, a in enumerate(p.comparisons))):
+    named = (("baseline", p.baseline), *((f"comparisons[{i}]", a) for i, a in enumerate(p.comparisons)))
+    for field_, name in named:
         if name not in arms:
             raise ConfigError(f"{where}: {at}.{field_}: {name!r} is no arm of this sweep; arms: {list(arms)}")
     if p.baseline in p.comparisons or len(set(p.comparisons)) != len(p.comparisons):
@@ -747,7 +748,8 @@ def _check_ablation(p: PreregistrationConfig, arms: tuple[str, ...], where: str)
         raise ConfigError(f"{where}: {at}: row names must be distinct, got {rows}")
     for i, r in enumerate(p.ablation):
         if r.arm not in arms:
-            raise ConfigError(f"{where}: {at}[{i}].arm: {r.arm!r} is no arm of this sweep; arms: {list(arms)}")
+            raise ConfigError(f"{where}: {at}[{i}].arm: {r.arm!r} is no arm of this sweep; "
+                              f"arms: {list(arms)}")
         if r.vs is not None and (r.vs not in rows or r.vs == r.row):
             raise ConfigError(f"{where}: {at}[{i}].vs: {r.vs!r} is not another row of the table")
     for row, dirs in p.paper_direction.items():
