@@ -2,8 +2,9 @@
 
 Perception: top-1, expected calibration error. Generation: Fréchet distance of features (in the
 reference classifier's feature space here, not Inception's) and the held-out denoising loss at
-fixed timesteps and fixed noise. Standard errors: binomial for accuracies, of the mean over
-images for the held-out loss, bootstrap for the Fréchet distance.
+fixed timesteps and fixed noise; the kernel distance (KID's unbiased MMD², unbiased at small n
+where the Fréchet distance is not). Standard errors: binomial for accuracies, of the mean over
+images for the held-out loss, bootstrap for the Fréchet distance, jackknife for the kernel distance.
 """
 from __future__ import annotations
 
@@ -80,7 +81,10 @@ def frechet_distance_stderr(features1: torch.Tensor, features2: torch.Tensor,
     """SE(d²) ≈ sd over b = 1..B of d²(F1*_b, F2*_b), F*_b a resample with replacement of each set.
 
     The bootstrap standard error (Efron & Tibshirani 1993, ch. 6), seeded; B = 50 is within their
-    25–200 for a standard error. Cost: B·(2 covariances + 2 eigendecompositions of D×D).
+    25–200 for a standard error. Both sets are resampled (in the evaluation: the held-out images
+    and the samples), so it is the spread over both draws; to first order it is the delta
+    method's, 2‖μ1 − μ2‖·√(1/n1 + 1/n2) along the mean shift for equal unit covariances
+    (tests/genrep/test_generation_metrics.py). Cost: B·(2 covariances + 2 eigendecompositions of D×D).
     """
     f1, f2 = (torch.as_tensor(f).detach().double().cpu() for f in (features1, features2))
     g = torch.Generator().manual_seed(seed)
@@ -91,6 +95,59 @@ def frechet_distance_stderr(features1: torch.Tensor, features2: torch.Tensor,
     d2 = [frechet_distance(*feature_stats(resample(f1)), *feature_stats(resample(f2)))
           for _ in range(n_boot)]
     return torch.tensor(d2, dtype=torch.float64).std().item() if n_boot > 1 else float("nan")
+
+
+def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """k(x, y) = (xᵀy/d + 1)³ for every pair of rows, [m, n] in float64: KID's kernel
+    (Bińkowski et al. 2018, arXiv:1801.01401, sec. 3), d the feature dimension."""
+    a, b = (torch.as_tensor(f).detach().double().cpu() for f in (a, b))
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def _kid_terms(features1, features2):
+    """Kernel sums of the unbiased MMD²: row sums r1 = Σ_{j≠i} k(x_i, x_j), r2 likewise for y,
+    and the cross sums c1_i = Σ_j k(x_i, y_j), c2_j = Σ_i k(x_i, y_j)."""
+    k11, k22 = polynomial_kernel(features1, features1), polynomial_kernel(features2, features2)
+    k12 = polynomial_kernel(features1, features2)
+    r1, r2 = k11.sum(1) - k11.diagonal(), k22.sum(1) - k22.diagonal()
+    return r1, r2, k12.sum(1), k12.sum(0)
+
+
+def _mmd2(s11, s22, s12, m, n):
+    """MMD²_u = S_xx/(m(m−1)) + S_yy/(n(n−1)) − 2·S_xy/(mn) from the kernel sums (i ≠ j within a set)."""
+    return s11 / (m * (m - 1)) + s22 / (n * (n - 1)) - 2 * s12 / (m * n)
+
+
+def kernel_distance(features1: torch.Tensor, features2: torch.Tensor) -> float:
+    """KID = MMD²_u = 1/(m(m−1)) Σ_{i≠j} k(x_i,x_j) + 1/(n(n−1)) Σ_{i≠j} k(y_i,y_j) − 2/(mn) Σ_{i,j} k(x_i,y_j),
+    k the cubic polynomial kernel (Bińkowski et al. 2018, arXiv:1801.01401, eq. 3 and sec. 3).
+
+    Unbiased at every m, n ≥ 2 (the Fréchet distance is biased upward at small n: ≈ 34 for two
+    draws of 180 and 500 points from one 128-d N(0, I), docs/evaluation.md), so it may be
+    negative when the two sets come from one distribution. Cost: (m + n)²·d multiply-adds.
+    """
+    r1, r2, c1, _ = _kid_terms(features1, features2)
+    return _mmd2(r1.sum(), r2.sum(), c1.sum(), len(r1), len(r2)).item()
+
+
+def kernel_distance_stderr(features1: torch.Tensor, features2: torch.Tensor) -> float:
+    """SE(MMD²_u) by the two-sample delete-one jackknife (Arvesen 1969, Ann. Math. Stat. 40):
+    V = (m−1)/m Σ_i (θ₍₋ᵢ₎ − θ̄₍·₎)² + (n−1)/n Σ_j (θ₍₋ⱼ₎ − θ̄₍·₎)², θ₍₋ᵢ₎ the estimate without x_i.
+
+    Deterministic, and every θ₍₋ᵢ₎ is exact from the kernel sums (no resample repeats a point,
+    which would add k(x, x) to the i ≠ j sums as a bootstrap does); the jackknife variance is
+    conservative in expectation (Efron & Stein 1981). NaN when a set has fewer than 3 points.
+    """
+    r1, r2, c1, c2 = _kid_terms(features1, features2)
+    m, n = len(r1), len(r2)
+    if min(m, n) < 3:
+        return float("nan")
+    s11, s22, s12 = r1.sum(), r2.sum(), c1.sum()
+    # without x_i: S_xx loses its row and column (2·r1_i), S_xy its row (c1_i); likewise for y_j
+    drop1 = _mmd2(s11 - 2 * r1, s22, s12 - c1, m - 1, n)
+    drop2 = _mmd2(s11, s22 - 2 * r2, s12 - c2, m, n - 1)
+    var = (m - 1) / m * (drop1 - drop1.mean()).pow(2).sum() + (n - 1) / n * (drop2 - drop2.mean()).pow(2).sum()
+    return var.sqrt().item()
 
 
 def fixed_noise(n: int, shape, seed: int, num: int) -> torch.Tensor:
@@ -145,5 +202,6 @@ def heldout_loss_of(errors: torch.Tensor, timesteps=HELDOUT_TIMESTEPS):
 
 
 __all__ = ["top1", "expected_calibration_error", "feature_stats", "frechet_distance",
-           "frechet_distance_stderr", "binomial_stderr", "mean_stderr", "heldout_denoising_loss",
+           "frechet_distance_stderr", "kernel_distance", "kernel_distance_stderr",
+           "polynomial_kernel", "binomial_stderr", "mean_stderr", "heldout_denoising_loss",
            "heldout_denoising_errors", "heldout_loss_of", "fixed_noise", "HELDOUT_TIMESTEPS"]

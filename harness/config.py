@@ -159,14 +159,23 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    split: str = "val"  # held-out split scored at the end of a trial
+    # held-out split scored (reported); anything chosen is chosen on val (τ, guidance "auto"), so
+    # comparisons report on test (docs/evaluation.md, "What is chosen on which split")
+    split: str = "val"
     # also evaluate every N training steps, from step 0 (the untrained baseline) on; 0: end only
     every: int = 0
     mc_k: int = 8  # draws of the zero-shot diffusion classifier
-    mc_images: int = 64  # held-out images it scores (B·K·C network evaluations)
-    samples_per_class: int = 10  # class-conditional DDIM samples for fd_ref and sample_acc
+    # held-out images it scores, or "all" of the split (B·K·C network evaluations)
+    mc_images: int | Literal["all"] = 64
+    samples_per_class: int = 10  # class-conditional DDIM samples for fd_ref, kid_ref and sample_acc
     ddim_steps: int = 20
-    guidance_scale: float = 1.0  # classifier-free guidance through the null class
+    # classifier-free guidance through the null class; "auto": per evaluation, the scale of
+    # guidance_choices with the lowest guidance_by between val images and guidance_samples_per_class
+    # samples a class (seed 1), then the reported samples use it: Σ_s C·n·steps·(2 if s ≠ 1) forwards more
+    guidance_scale: float | Literal["auto"] = 1.0
+    guidance_choices: tuple[float, ...] = (1.0, 2.0, 3.0)
+    guidance_by: Literal["fd_ref", "kid_ref"] = "fd_ref"
+    guidance_samples_per_class: int | None = None  # None: samples_per_class
 
 
 @dataclass(frozen=True)
@@ -423,8 +432,11 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
                   "grad_clip": (lambda v: v >= 0, "must be >= 0"),
                   "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
                   "checkpoint_every": (lambda v: v >= 0, "must be >= 0")},
-    EvalConfig: {**_positive("mc_k", "mc_images", "samples_per_class", "ddim_steps"),
-                 "guidance_scale": (lambda v: v >= 0, "must be >= 0"),
+    EvalConfig: {**_positive("mc_k", "samples_per_class", "ddim_steps", "guidance_samples_per_class"),
+                 "mc_images": (lambda v: v == "all" or v > 0, 'must be > 0 or "all"'),
+                 "guidance_scale": (lambda v: v == "auto" or v >= 0, 'must be >= 0 or "auto"'),
+                 "guidance_choices": (lambda v: len(v) > 0 and min(v) >= 0 and len(set(v)) == len(v),
+                                      "non-empty, distinct, each >= 0"),
                  "every": (lambda v: v >= 0, "must be >= 0"),
                  "split": (lambda v: v in ("val", "test"), "val or test")},
     DeepSpeedConfig: {"zero_stage": (lambda v: v in (0, 1, 2, 3), "must be 0, 1, 2 or 3")},
@@ -484,6 +496,7 @@ def _cross_checks(cfg: SweepConfig, where: str) -> None:
     if not cfg.method.use_ce and cfg.method.beta_kd == 0:
         raise ConfigError(f"{where}: method: use_ce is false and beta_kd is 0: no perception loss")
     _check_dense(cfg, where)
+    _check_eval_splits(cfg, where)
     from harness import modes
 
     for s, opts in cfg.strategy_options.items():
@@ -525,6 +538,20 @@ def _check_dense(cfg: SweepConfig, where: str) -> None:
     if "classify" not in p.tasks and cfg.method.beta_kd != 0:
         raise ConfigError(f"{where}: method.beta_kd: the teacher distils into the classification "
                           "head, and method.perception.tasks has no classify; set beta_kd: 0")
+
+
+def _check_eval_splits(cfg: SweepConfig, where: str) -> None:
+    """Nothing is chosen on the reported split: the guidance choice and a search's objectives are
+    read on val, so with either the evaluation must report on test (docs/evaluation.md)."""
+    e = cfg.eval
+    if e.guidance_scale == "auto" and e.split != "test":
+        raise ConfigError(f"{where}: eval.guidance_scale: \"auto\" chooses the scale on the val split, "
+                          f"and eval.split: {e.split} would report on the images it was chosen on; "
+                          "set eval.split: test, or a fixed scale")
+    if cfg.search is not None and e.split == "test":
+        raise ConfigError(f"{where}: eval.split: test with search: the search would choose its "
+                          "configuration by the test split's metrics; search on val (eval.split: "
+                          "val), then evaluate the chosen configuration on test in a sweep of its own")
 
 
 # ---------------------------------------------------------------- model overrides

@@ -3,10 +3,12 @@
 Perception: head top-1 and ECE, the network's own zero-shot (Monte Carlo) accuracy, and with the
 segmentation head mIoU and pixel accuracy over the held-out masks. Generation:
 held-out denoising loss at fixed (t, ε), and class-conditional DDIM samples scored by the cached
-reference classifier (``fd_ref``, ``sample_acc``). Cost: seconds and network evaluations spent.
+reference classifier (``fd_ref``, ``kid_ref``, ``sample_acc``), at a fixed guidance scale or one
+chosen on the val split (``choose_guidance``). Cost: seconds and network evaluations spent.
 Each metric with a standard error reports it as ``<metric>_stderr`` (the results table's
 ``stderr`` column): binomial for the accuracies, over images for the held-out loss, bootstrap for
-``fd_ref``, and over images for ``miou`` and ``pixel_acc``; ``head_ece`` has none.
+``fd_ref``, jackknife for ``kid_ref``, and over images for ``miou`` and ``pixel_acc``;
+``head_ece`` has none.
 """
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ import torch
 from genrep.dense import bootstrap_stderr, image_confusions, miou, pixel_accuracy
 from genrep.metrics import (HELDOUT_TIMESTEPS, binomial_stderr, expected_calibration_error,
                             feature_stats, frechet_distance, frechet_distance_stderr,
-                            heldout_denoising_errors, heldout_loss_of, mean_stderr, top1)
+                            kernel_distance, kernel_distance_stderr, heldout_denoising_errors, heldout_loss_of, mean_stderr, top1)
 from genrep.posterior import mc_posterior, teacher_quality
 from genrep.reference import ReferenceNet, accuracy, embed, train_reference
 from genrep.sampling import grid_png, sample_grid, sampling_evals
 from harness import atomic
 
 HELDOUT_SEED = 0  # fixed noise for the held-out loss: the same draws for every trial and strategy
+# the guidance choice's samples: draws of their own, never the reported samples' (``seed``, 0)
+GUIDANCE_SEED = 1
 
 
 # ---------------------------------------------------------------- reference classifier cache
@@ -168,7 +172,8 @@ def heldout_metrics(model, images, labels, alphas_cumprod) -> tuple[dict[str, fl
 def sample_metrics(model, images, ref_net, per_class: int, steps: int, guidance_scale: float,
                    seed: int, grid_path=None) -> tuple[dict[str, float], int]:
     """Class-conditional DDIM samples scored by the reference net: Fréchet distance of its features
-    to the held-out images' (fd_ref, bootstrap stderr) and its accuracy on the samples
+    to the held-out images' (fd_ref, bootstrap stderr over both sets), their kernel distance
+    (kid_ref, unbiased MMD², jackknife stderr) and the reference net's accuracy on the samples
     (sample_acc, binomial stderr over the samples)."""
     samples, labels = sample_grid(eps_fn(model), model.num_classes, per_class, images.shape[1:],
                                   device=images.device, steps=steps, guidance_scale=guidance_scale,
@@ -179,19 +184,41 @@ def sample_metrics(model, images, ref_net, per_class: int, steps: int, guidance_
     acc = accuracy(ref_net, samples, labels)
     out = {"fd_ref": frechet_distance(*feature_stats(real), *feature_stats(fake)),
            "fd_ref_stderr": frechet_distance_stderr(real, fake, seed=seed),
+           "kid_ref": kernel_distance(real, fake), "kid_ref_stderr": kernel_distance_stderr(real, fake),
            "sample_acc": acc, "sample_acc_stderr": binomial_stderr(acc, samples.shape[0])}
     return out, sampling_evals(samples.shape[0], steps, guidance_scale)
 
 
+def choose_guidance(model, images, ref_net, choices, per_class: int, steps: int,
+                    by: str = "fd_ref", seed: int = GUIDANCE_SEED,
+                    **sample_kw) -> tuple[float, dict[float, float], int]:
+    """s* = argmin_{s ∈ choices} ``by``(samples at scale s, ``images``): fd_ref or kid_ref, lower
+    is better, ties to the first listed. ``images`` are the choosing split's (val), the samples
+    are drawn from ``seed``, apart from the reported ones. Returns (s*, {s: value}, evaluations):
+    Σ_s C·per_class·steps·(2 if s ≠ 1) forwards. ``sample_kw`` goes to :func:`sample_metrics`."""
+    scores, evals = {}, 0
+    for s in choices:
+        out, n = sample_metrics(model, images, ref_net, per_class, steps, float(s), seed, **sample_kw)
+        scores[float(s)], evals = out[by], evals + n
+    return min(scores, key=scores.get), scores, evals
+
+
 def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: int = 8,
-             mc_images: int = 64, sample_per_class: int = 10, ddim_steps: int = 20,
-             guidance_scale: float = 1.0, seed: int = 0, alphas_cumprod,
-             grid_path=None, estimate=None, val_masks=None) -> dict[str, float]:
+             mc_images: int | str = 64, sample_per_class: int = 10, ddim_steps: int = 20,
+             guidance_scale: float | str = 1.0, seed: int = 0, alphas_cumprod,
+             grid_path=None, estimate=None, val_masks=None,
+             guidance_choices=(1.0, 2.0, 3.0), guidance_by: str = "fd_ref",
+             guidance_per_class: int | None = None, choice_images=None) -> dict[str, float]:
     """All held-out metrics of one trial (perc_model is gen_model for joint training);
     ``val_masks`` [N, H, W]: also the seg head's mIoU and pixel accuracy (``seg_metrics``).
+    ``mc_images``: a count, or "all" of the held-out images. ``guidance_scale: "auto"``: chosen
+    among ``guidance_choices`` by ``guidance_by`` on ``choice_images`` (the val split; never the
+    reported one) with ``guidance_per_class`` samples a class (default ``sample_per_class``), see
+    :func:`choose_guidance`; the scale used is reported as ``guidance_scale``.
 
     eval_network_evals counts per-sample network forwards: MC (B·K·C) + sampling (N·steps, ×2 with
-    CFG) + held-out loss (N·4); the head's encoder-only forwards are not counted.
+    CFG) + the guidance choice's sampling + held-out loss (N·4); the head's encoder-only forwards
+    are not counted.
     """
     t0 = time.perf_counter()
     out: dict[str, float] = {}
@@ -199,16 +226,24 @@ def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: in
         out.update(head_metrics(perc_model, val_images, val_labels))
         if val_masks is not None:
             out.update(seg_metrics(perc_model, val_images, val_masks, seed=seed))
-        n_mc = min(mc_images, val_images.shape[0])
+        n_mc = val_images.shape[0] if mc_images == "all" else min(mc_images, val_images.shape[0])
         mc, mc_evals = mc_metrics(gen_model, val_images[:n_mc], val_labels[:n_mc], mc_k,
                                   alphas_cumprod, seed, estimate)
         held, held_evals = heldout_metrics(gen_model, val_images, val_labels, alphas_cumprod)
+        choice_evals = 0
+        if guidance_scale == "auto":
+            if choice_images is None:
+                raise ValueError('guidance_scale "auto" needs choice_images (the val split)')
+            guidance_scale, _, choice_evals = choose_guidance(
+                gen_model, choice_images, ref_net, guidance_choices,
+                guidance_per_class or sample_per_class, ddim_steps, guidance_by)
         gen, gen_evals = sample_metrics(gen_model, val_images, ref_net, sample_per_class, ddim_steps,
                                         guidance_scale, seed, grid_path)
     out.update(mc | held | gen)
-    out["eval_network_evals"] = float(mc_evals + held_evals + gen_evals)
+    out["guidance_scale"] = guidance_scale
+    out["eval_network_evals"] = float(mc_evals + held_evals + choice_evals + gen_evals)
     out["eval_seconds"] = time.perf_counter() - t0
     return {k: float(v) for k, v in out.items()}
 
 
-__all__ = ["reference_classifier", "evaluate"]
+__all__ = ["reference_classifier", "evaluate", "choose_guidance"]

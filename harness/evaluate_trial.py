@@ -1,6 +1,7 @@
 """End-of-trial evaluation inside the Ray Train worker: the same yardstick for every strategy.
 
-Rank 0 loads the held-out split (small) and scores the networks with :func:`harness.evaluate.evaluate`;
+Rank 0 loads the held-out split (small; ``eval.split`` reports, val is where anything is chosen)
+and scores the networks with :func:`harness.evaluate.evaluate`;
 the reference classifier is trained once per dataset and cached beside the shards. The other ranks
 wait at a barrier: only rank 0's report reaches Ray Tune.
 """
@@ -50,8 +51,11 @@ def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, devic
         else:
             val_x, val_y = load_split(urls[e.split])
         train_x, train_y = load_split(urls["train"])
+        # the val split: the reference classifier's own accuracy (ref_val_acc, whichever split
+        # reports: the cache keeps the first value) and the images a guidance "auto" is chosen on
+        choose_x, choose_y = (val_x, val_y) if e.split == "val" else load_split(urls["val"])
         ref, info = reference_classifier(Path(urls["cache"]) / "reference", urls["key"],
-                                         train_x, train_y, val_x, val_y, seed=0)
+                                         train_x, train_y, choose_x, choose_y, seed=0)
         nets = step_fn.networks()
         perc = nets.get("joint", nets.get("perception")).model
         gen = nets.get("joint", nets.get("generation")).model
@@ -61,8 +65,11 @@ def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, devic
                        mc_images=e.mc_images, sample_per_class=e.samples_per_class,
                        ddim_steps=e.ddim_steps, guidance_scale=e.guidance_scale, seed=0,
                        alphas_cumprod=step_fn.alphas_cumprod, grid_path=grid,
-                       estimate=step_fn.eval_estimate(e.mc_k, step), val_masks=val_m)
-        acc, n = float(info["ref_val_acc"]), int(info.get("ref_val_n", len(val_y)))  # older caches: no n
+                       estimate=step_fn.eval_estimate(e.mc_k, step), val_masks=val_m,
+                       guidance_choices=e.guidance_choices, guidance_by=e.guidance_by,
+                       guidance_per_class=e.guidance_samples_per_class,
+                       choice_images=choose_x.to(device))
+        acc, n = float(info["ref_val_acc"]), int(info.get("ref_val_n", len(choose_y)))  # older caches: no n
         out |= {"ref_val_acc": acc, "ref_val_acc_stderr": binomial_stderr(acc, n)}
         out.update(cost_counts(step_fn))
     if dist.is_initialized():

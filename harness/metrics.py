@@ -53,6 +53,10 @@ METRICS: dict[str, Metric] = _registry(
     # stderr over images; fd_ref: bootstrap stderr; sample_acc: binomial)
     _m("heldout_loss", False, "mse", "generation", objective=True),
     _m("fd_ref", False, "feature units²", "generation", objective=True),
+    # kernel distance (KID's unbiased MMD², cubic kernel) in the same features: unbiased at small n;
+    # jackknife stderr
+    _m("kid_ref", False, "kernel units", "generation", objective=True),
+    _m("guidance_scale", None, "", "generation"),  # the CFG scale the samples used (chosen when "auto")
     _m("sample_acc", True, "fraction", "generation", objective=True),
     _m("ref_val_acc", True, "fraction", "generation"),  # the reference classifier's own
     # training rows: window means over the logged steps

@@ -10,7 +10,7 @@ from genrep.reference import accuracy, predict, train_reference
 from harness.evaluate import evaluate, reference_classifier
 
 KEYS = {"head_acc", "head_ece", "mc_acc", "mc_evals_per_image", "heldout_loss", "fd_ref",
-        "sample_acc", "eval_seconds", "eval_network_evals"}
+        "kid_ref", "sample_acc", "guidance_scale", "eval_seconds", "eval_network_evals"}
 
 
 def toy_dataset(n_per_class: int = 12, size: int = 8, seed: int = 0):
@@ -88,6 +88,7 @@ def test_evaluate_tiny_model(tmp_path, separate, guidance):
     # MC 4·2·3 + sampling 6·3·(2 with CFG) + held-out 12·4 timesteps
     assert out["eval_network_evals"] == 24 + 6 * 3 * (2 if guidance != 1 else 1) + 12 * 4
     assert 0 <= out["head_ece"] <= 1 and 0 <= out["sample_acc"] <= 1
+    assert out["guidance_scale"] == guidance  # a fixed scale is reported as it was set
 
 
 class FixedHead(torch.nn.Module):
@@ -122,7 +123,7 @@ def test_evaluation_reports_stderrs(tmp_path):
     binomial = {"head_acc": 12, "mc_acc": 4, "sample_acc": 6}  # images or samples scored
     for m, n in binomial.items():
         assert out[f"{m}_stderr"] == pytest.approx(math.sqrt(out[m] * (1 - out[m]) / n)), m
-    for m in ("heldout_loss", "heldout_loss_t50", "heldout_loss_t800", "fd_ref"):
+    for m in ("heldout_loss", "heldout_loss_t50", "heldout_loss_t800", "fd_ref", "kid_ref"):
         assert math.isfinite(out[f"{m}_stderr"]) and out[f"{m}_stderr"] > 0, m
     assert "head_ece_stderr" not in out
     assert [p.name for p in tmp_path.iterdir()] == ["samples.png"]  # written atomically
@@ -147,3 +148,43 @@ def test_heldout_stderr_is_the_spread_over_images():
     assert evals == 6 * 4
     assert out["heldout_loss"] == pytest.approx(per_image.mean().item(), rel=1e-5)
     assert out["heldout_loss_stderr"] == pytest.approx(per_image.std().item() / math.sqrt(6), rel=1e-5)
+
+
+def test_mc_images_all_scores_every_held_out_image():
+    x, y = toy_dataset()
+    vx, vy = toy_dataset(4, seed=1)  # 12 held-out images
+    ref = train_reference(x, y, epochs=2, seed=0, batch_size=16)
+    out = evaluate(tiny_model(0), tiny_model(0), vx, vy, ref, mc_k=2, mc_images="all",
+                   sample_per_class=2, ddim_steps=3, seed=0,
+                   alphas_cumprod=make_scheduler().alphas_cumprod)
+    assert out["mc_acc_stderr"] == pytest.approx(math.sqrt(out["mc_acc"] * (1 - out["mc_acc"]) / 12))
+    # MC 12·K·C = 12·2·3 + sampling 6·3 (no guidance) + held-out 12·4
+    assert out["eval_network_evals"] == 72 + 18 + 48
+
+
+def test_guidance_auto_is_chosen_on_the_choice_images_and_counted():
+    """The scale is the choice with the lowest fd_ref between its samples (seed 1) and the
+    choice images (val), each recomputed here; the reported samples use it on the reported
+    images (seed 0); every choice's sampling counts in eval_network_evals."""
+    from harness.evaluate import GUIDANCE_SEED, choose_guidance, sample_metrics
+
+    x, y = toy_dataset()
+    vx, vy = toy_dataset(4, seed=1)  # the reported split
+    cx, _ = toy_dataset(4, seed=2)  # the choosing split
+    ref = train_reference(x, y, epochs=2, seed=0, batch_size=16)
+    gen, ac = tiny_model(0), make_scheduler().alphas_cumprod
+    with pytest.raises(ValueError, match="choice_images"):
+        evaluate(gen, gen, vx, vy, ref, mc_k=2, mc_images=4, sample_per_class=2, ddim_steps=3,
+                 guidance_scale="auto", alphas_cumprod=ac)
+    out = evaluate(gen, gen, vx, vy, ref, mc_k=2, mc_images=4, sample_per_class=2, ddim_steps=3,
+                   guidance_scale="auto", guidance_choices=(1.0, 2.0), guidance_per_class=1,
+                   choice_images=cx, seed=0, alphas_cumprod=ac)
+    gen.eval()
+    scores = {s: sample_metrics(gen, cx, ref, 1, 3, s, GUIDANCE_SEED)[0]["fd_ref"] for s in (1.0, 2.0)}
+    chosen, got, evals = choose_guidance(gen, cx, ref, (1.0, 2.0), 1, 3)
+    assert got == scores and chosen == min(scores, key=scores.get) == out["guidance_scale"]
+    assert evals == 3 * 3 * 1 + 3 * 3 * 2  # C·1 sample·3 steps at s = 1, twice that at s = 2
+    report, n_report = sample_metrics(gen, vx, ref, 2, 3, chosen, 0)
+    assert out["fd_ref"] == pytest.approx(report["fd_ref"])  # the reported images, seed 0
+    # MC 4·2·3 + choice 27 + reported sampling + held-out 12·4
+    assert out["eval_network_evals"] == 24 + 27 + n_report + 48
