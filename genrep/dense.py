@@ -2,7 +2,8 @@
 
 Per-pixel classes: K = C + 1, class 0 the background, class c + 1 image class c (the shapes
 source's masks; ``ModelConfig.seg_classes``). Logits S ∈ R^{B×K×H×W}, masks m ∈ {0..K−1}^{B×H×W},
-p = softmax over the K channels of S.
+p = softmax over the K channels of S. A mask value of −1 (``IGNORE``: every pixel of an image
+without a label, data.labelled_fraction < 1) is no target: the losses and ``seg_acc`` skip it.
 
 Held-out mIoU and pixel accuracy come from one confusion matrix summed over the whole held-out
 set (``confusion_matrix`` per batch, added up), not from a mean of per-image scores: an image
@@ -13,10 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+IGNORE = -1  # the mask value of a pixel without a target (an unlabelled image's whole mask)
+
 
 def pixel_cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """L_ce = −(1/(B·H·W)) Σ_{b,i} log p_{b, m_bi, i}: cross-entropy per pixel, mean over pixels."""
-    return F.cross_entropy(logits.float(), masks)
+    """L_ce = −(1/(B·H·W)) Σ_{b,i: m_bi ≥ 0} log p_{b, m_bi, i}: cross-entropy per pixel.
+
+    Pixels with m = −1 add nothing and the sum is divided by all B·H·W pixels (as the image-level
+    CE divides by B, genrep.losses.cross_entropy): W ranks equal 1 rank exactly, and a fully
+    labelled batch gives F.cross_entropy's mean bitwise (sum/N and the mean agree on CPU).
+    """
+    return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE, reduction="sum") / masks.numel()
 
 
 def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -28,13 +36,18 @@ def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6)
     only changes Σp to Σp²). P = the classes present in the batch's masks (Σ g_k > 0), never empty:
     a class absent from the target would have Dice ≈ 0 for any p ≠ 0 and add a constant 1/K of
     loss with a gradient that only pushes its p to zero, which the cross-entropy already does.
+    Pixels with m = −1 (``IGNORE``) are left out of every sum (p and g zeroed there); a batch
+    without any target pixel gives 0, still a function of the logits.
     """
-    p = logits.float().softmax(dim=1)
-    g = F.one_hot(masks, p.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
+    valid = (masks >= 0).unsqueeze(1)
+    p = logits.float().softmax(dim=1) * valid  # × 1 where every pixel has a target: bitwise p
+    g = F.one_hot(masks.clamp_min(0), p.shape[1]).permute(0, 3, 1, 2).to(p.dtype) * valid
     dims = (0, 2, 3)
     overlap, p_sum, g_sum = (p * g).sum(dims), p.sum(dims), g.sum(dims)
     dice = (2 * overlap + eps) / (p_sum + g_sum + eps)
     present = g_sum > 0
+    if not bool(present.any()):
+        return 0.0 * p_sum.sum()
     return 1 - dice[present].mean()
 
 
@@ -42,8 +55,9 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, dice_weight: fl
                       eps: float = 1e-6):
     """L_seg = L_ce + λ_dice · L_dice (``pixel_cross_entropy``, ``soft_dice_loss``).
 
-    logits [B, K, H, W], masks Long[B, H, W] with values in [0, K). Metrics: ``loss_seg_ce``,
-    ``loss_dice`` (when λ_dice ≠ 0), ``seg_acc`` (this batch's pixel accuracy), ``loss_seg``.
+    logits [B, K, H, W], masks Long[B, H, W] with values in [0, K), or −1 for a pixel without a
+    target. Metrics: ``loss_seg_ce``, ``loss_dice`` (when λ_dice ≠ 0), ``seg_acc`` (this batch's
+    pixel accuracy over the pixels with a target; absent when there are none), ``loss_seg``.
     """
     masks = masks.long()  # packed masks may arrive as uint8
     ce = pixel_cross_entropy(logits, masks)
@@ -51,7 +65,9 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, dice_weight: fl
     if dice_weight != 0.0:
         dice = soft_dice_loss(logits, masks, eps)
         loss, metrics = loss + dice_weight * dice, {**metrics, "loss_dice": dice.detach()}
-    metrics["seg_acc"] = (logits.detach().argmax(1) == masks).float().mean()
+    valid = masks >= 0
+    if bool(valid.any()):
+        metrics["seg_acc"] = (logits.detach().argmax(1) == masks)[valid].float().mean()
     return loss, {**metrics, "loss_seg": loss.detach()}
 
 

@@ -88,5 +88,8 @@ def draw_denoising(n: int, shape, num_timesteps: int, p_uncond: float,
 
 
 def condition(labels: torch.Tensor, drop: torch.Tensor, null_class: int) -> torch.Tensor:
-    """c̃ = ∅ where dropped, else y (label dropout for classifier-free guidance, Ho & Salimans 2022)."""
-    return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
+    """c̃ = ∅ where dropped or unlabelled (y < 0), else y (label dropout for classifier-free
+    guidance, Ho & Salimans 2022): an image without a label (data.labelled_fraction < 1) trains
+    the unconditional model, as a dropped label does."""
+    null = drop.to(labels.device) | (labels < 0)
+    return torch.where(null, torch.full_like(labels, null_class), labels)

@@ -43,12 +43,37 @@ def denoising_loss_given(eps_fn: EpsFn, x0, c_tilde, t, noise, alphas_cumprod):
     return loss, {"loss_gen": loss.detach()}
 
 
+UNLABELLED = -1  # the label of an image without one (data.labelled_fraction < 1; docs/data.md)
+
+
+def labelled_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"acc": top-1 over the labelled rows (y ≥ 0)}; {} when no row of the batch has a label."""
+    known = labels >= 0
+    if not bool(known.any()):
+        return {}
+    return {"acc": (logits.detach().argmax(-1) == labels)[known].float().mean()}
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
-    """L_ce = −(1/B) Σ_b Σ_c ỹ_bc log softmax(z_b)_c, ỹ = (1−ε)·onehot(y) + ε/C (ε = 0: plain CE;
-    label smoothing, Szegedy et al. 2016, arXiv:1512.00567)."""
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    acc = (logits.argmax(-1) == labels).float().mean()
-    return loss, {"loss_ce": loss.detach(), "acc": acc.detach()}
+    """L_ce = −(1/B) Σ_{b: y_b ≥ 0} Σ_c ỹ_bc log softmax(z_b)_c, ỹ = (1−ε)·onehot(y) + ε/C (ε = 0:
+    plain CE; label smoothing, Szegedy et al. 2016, arXiv:1512.00567).
+
+    A row with y = −1 (``UNLABELLED``) adds nothing, and the sum is divided by the batch size B,
+    not by the labelled count: so each labelled image weighs what it would in a fully labelled
+    batch, and W data-parallel ranks (each dividing by its own B/W, the engine averaging over
+    ranks) give exactly 1 rank on the whole batch, however the labelled images fall on the ranks.
+    A fully labelled batch takes F.cross_entropy's mean, bitwise the loss before labels could be
+    missing (with ε > 0 the sum/B differs from it in the last float bit). ``acc`` is over the
+    labelled rows (absent without any); ``labelled`` is the share of rows with a label.
+    """
+    known = labels >= 0
+    if bool(known.all()):
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    else:
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=UNLABELLED, reduction="sum",
+                               label_smoothing=label_smoothing) / labels.shape[0]
+    return loss, {"loss_ce": loss.detach(), **labelled_accuracy(logits, labels),
+                  "labelled": known.float().mean()}
 
 
 def distillation_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, tau: float,
@@ -88,6 +113,9 @@ def perception_loss(
 
     ``teacher_probs`` [n, C] holds the teacher's posterior for the first n ≤ B images (n = 0: the
     teacher did not run this step); the distillation term is averaged over the whole batch B.
+    Labels of −1 (unlabelled images): L_ce skips them (still divided by B, ``cross_entropy``);
+    the teacher may score them, so L_kd is how an unlabelled image reaches the head. ``acc`` is
+    over the labelled rows only.
     """
     if not use_ce and beta == 0.0:
         raise ValueError("perception_loss needs use_ce=True or beta > 0")
@@ -100,7 +128,7 @@ def perception_loss(
     if beta != 0.0:
         kd, m = distillation_loss(logits, teacher_probs, tau, batch_size=logits.shape[0])
         loss, metrics = loss + beta * kd, {**metrics, **m}
-    metrics["acc"] = (logits.argmax(-1) == labels).float().mean()
+    metrics |= {**labelled_accuracy(logits, labels), "labelled": (labels >= 0).float().mean()}
     return loss, {**metrics, "loss_perc": loss.detach()}
 
 

@@ -53,6 +53,12 @@ class DataConfig:
     # null packs the source's default (1) under the cache key it always had
     shapes_per_image: int | tuple[int, int] | None = None
     masks: bool = False  # stream the per-pixel class masks (method.perception.tasks: segment)
+    # scarce labels: the perception loss sees the labels (and masks) of this fraction of the
+    # training images only, chosen by a hash of each sample's key and label_seed (the same images
+    # in every epoch, worker split, arm and training seed); the rest train generation
+    # unconditionally and may be scored by the teacher (docs/data.md, "Scarce labels")
+    labelled_fraction: float = 1.0
+    label_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -408,6 +414,7 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
                           "to patterns"),
                  "root": NO_PARENT,
                  "num_workers": (lambda v: v >= 0, "must be >= 0"),
+                 "labelled_fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
                  "split": (lambda v: abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
                            "three fractions >= 0 that sum to 1")},
     McConfig: {**_positive("k", "every", "chunk_size", "prune_k", "prune_keep", "calibrate_images"),

@@ -105,6 +105,7 @@ METRICS: dict[str, Metric] = _registry(
     _m("teacher_tau", None, "", "teacher"),  # τ_mc in use (fitted when mc.tau: auto)
     # data and status
     _m("skipped_samples", False, "samples", "data"),
+    _m("labelled", None, "fraction of the batch", "data"),  # rows with a label (data.labelled_fraction)
     _m("failed", False, "", "status"),  # the status row of a failed trial (harness.sweep)
 )
 

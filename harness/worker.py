@@ -77,7 +77,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     loader = make_loader(config["urls"]["train"], shard.local, rank=rank, world_size=world,
                          num_workers=cfg.data.num_workers, seed=cfg.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, on_bad_sample=cfg.data.on_bad_sample,
-                         image_size=cfg.data.image_size, **mask_options(cfg, config["urls"]))
+                         image_size=cfg.data.image_size, labelled_fraction=cfg.data.labelled_fraction,
+                         label_seed=cfg.data.label_seed, **mask_options(cfg, config["urls"]))
     start = restore(step_fn, loader)
     batches, window, timed = forever(loader), Window(), Window()
     for step in range(start, cfg.train.steps):

@@ -14,6 +14,12 @@ Masks. With `masks=True` (and `mask_classes`, the manifest's `mask.num_classes`)
 never resized on load, so neither are masks; a resize would have to be NEAREST) and hold values
 0..mask_classes − 1. Without the flag a mask in the shard is ignored and items are (image, label).
 
+Scarce labels. With `labelled_fraction` f < 1 only the samples whose key hashes below f (with
+`label_seed`, `is_labelled`) keep their label; the others come with label −1 (and, with masks,
+an all −1 mask). The choice is a function of the sample's key in the shard and the seed alone,
+never of its position in the stream: the same images are labelled in every epoch, for every
+loader seed, world size and worker count, and in every arm with the same `label_seed`.
+
 Bad data. A tar that cannot be read raises DataError naming the shard URL; a sample without a
 `.cls`, with a bad label, an undecodable image or (asked for) a missing or bad mask raises
 DataError naming shard and key. With `on_bad_sample="skip"` each is recorded as a SkipRecord (sent
@@ -22,6 +28,7 @@ silently.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -197,14 +204,37 @@ def _bad(sample: dict, reason: str) -> DataError:
     return err
 
 
+UNLABELLED = -1  # genrep.losses.UNLABELLED and genrep.dense.IGNORE: no label, no mask target
+
+
+def is_labelled(key: str, fraction: float, seed: int) -> bool:
+    """u(key) < f with u = the first 8 bytes of sha256("<seed>/<key>") as an integer / 2^64, a
+    uniform draw in [0, 1) that depends on the sample's key and the seed only (so P(labelled) = f,
+    and f = 1 labels every sample)."""
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def unlabel(item: tuple) -> tuple:
+    """(image, −1[, all −1 mask]): the sample without its label (int16 mask: −1 fits, and the batch
+    stacks to int16 beside uint8 masks, then int64)."""
+    image, _, *mask = item
+    return (image, UNLABELLED, *(np.full(m.shape, UNLABELLED, np.int16) for m in mask))
+
+
 def decode_all(samples: Iterable, channels: int | None, policy: str, size: int | None = None,
-               mask_classes: int | None = None) -> Iterator:
+               mask_classes: int | None = None, labelled: tuple[float, int] | None = None) -> Iterator:
+    """Decoded items; with ``labelled`` = (fraction, seed), samples not chosen by
+    :func:`is_labelled` lose their label (and mask) here."""
     for s in samples:
         if isinstance(s, SkipRecord):
             yield s
             continue
         try:
-            yield decode_sample(s, channels, size, mask_classes)
+            item = decode_sample(s, channels, size, mask_classes)
+            if labelled is not None and not is_labelled(str(s.get("__key__", "")), *labelled):
+                item = unlabel(item)
+            yield item
         except DataError as e:
             if policy == "raise":
                 raise
@@ -270,7 +300,7 @@ class _ReaderStream(IterableDataset):
             stages.append(wds.shuffle(c["shuffle_buffer"], initial=c["shuffle_buffer"],
                                       seed=_reader_seed(c["seed"], c["epoch"], reader)))
         stages += [lambda s: decode_all(s, c["channels"], c["policy"], c.get("image_size"),
-                                        c.get("mask_classes")),
+                                        c.get("mask_classes"), c.get("labelled")),
                    lambda s: collate(s, c["batch_size"], c["drop_last"])]
         return stages
 
@@ -338,16 +368,23 @@ def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_siz
                 resampled: bool = False, on_bad_sample: str = "raise", image_channels: int | None = None,
                 drop_last: bool = True, shuffle_shards: bool = True,
                 image_size: int | None = None, masks: bool = False,
-                mask_classes: int | None = None) -> ShardLoader:
+                mask_classes: int | None = None, labelled_fraction: float = 1.0,
+                label_seed: int = 0) -> ShardLoader:
     """A ShardLoader over `urls` (a list, or one brace pattern) for reader `rank` of `world_size`;
     with `image_size`, an image of any other size is bad data (DataError naming shard and key).
 
     `masks=True`: batches are (images, labels, masks int64 [B, H, W]); `mask_classes` is the
-    manifest's `mask.num_classes` (`Manifest.require_mask()`), the bound on mask values."""
+    manifest's `mask.num_classes` (`Manifest.require_mask()`), the bound on mask values.
+
+    `labelled_fraction` f < 1: only the samples :func:`is_labelled` picks (by key and
+    `label_seed`) keep their label; the others have label −1 and an all −1 mask (training only:
+    a held-out split is never unlabelled)."""
     urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
     if masks and (not isinstance(mask_classes, int) or not 2 <= mask_classes <= 256):
         raise ValueError(f"masks=True needs mask_classes, an int in 2..256 (the manifest's "
                          f"mask.num_classes), got {mask_classes!r}")
+    if not 0 < labelled_fraction <= 1:
+        raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
     if image_channels not in (None, 1, 3):
         raise ValueError(f"image_channels must be None, 1 or 3, got {image_channels!r}")
     if on_bad_sample not in POLICIES:
@@ -358,5 +395,6 @@ def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_siz
     cfg = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
                shuffle_buffer=shuffle_buffer, resampled=resampled, policy=on_bad_sample,
                channels=image_channels, drop_last=drop_last, shuffle_shards=shuffle_shards,
-               image_size=image_size, mask_classes=mask_classes if masks else None)
+               image_size=image_size, mask_classes=mask_classes if masks else None,
+               labelled=(labelled_fraction, label_seed) if labelled_fraction < 1 else None)
     return ShardLoader(urls, cfg, num_workers)
