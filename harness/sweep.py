@@ -65,6 +65,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         # One machine has no other node to lose: Ray Train's preemption watcher (an actor per
         # trial polling for node preemption notices) only costs a process start, ~1.5 CPU-s a
         # trial (docs/performance.md, P5). A cluster keeps it.
+        warn_other_ray(_gcs_addresses())
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get(
             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train V2 needs to
@@ -74,6 +75,28 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         # /tmp/ray/ray_current_cluster (plain ray.init() would silently join that one).
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", **quiet)
+
+
+def _gcs_addresses() -> list[str]:
+    """The GCS addresses of the Ray instances running on this machine (Ray greps ``ps``)."""
+    from ray._private import services
+
+    return sorted(services.find_gcs_addresses())
+
+
+def warn_other_ray(addresses: list[str]) -> str | None:
+    """Warn (and return the text) when other Ray instances run on this machine: Ray Train V2's
+    placement-group cleaner asks the state API with no address, which then cannot tell the
+    clusters apart and fails, so the placement group of a trial stopped early (ASHA) or killed
+    is never removed and later trials wait for CPUs until Train's start-up timeout (seen here:
+    docs/sweeps.md, "One Ray instance per machine")."""
+    if not addresses:
+        return None
+    text = (f"{len(addresses)} other Ray instance(s) run on this machine ({', '.join(addresses)}): "
+            "a trial stopped early or killed may leak its workers' placement group and stall "
+            "later trials (docs/sweeps.md, \"One Ray instance per machine\")")
+    log.warning(text)
+    return text
 
 
 # ---------------------------------------------------------------- where results go
