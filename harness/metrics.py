@@ -92,11 +92,12 @@ METRICS: dict[str, Metric] = _registry(
     _m("w_p", None, "", "conflict"),
     _m("w_g", None, "", "conflict"),
     _m("update_change", None, "‖u − u_ref‖/‖u_ref‖", "conflict"),  # does the strategy act at all?
-    _m("seg_cos_p10", None, "", "conflict"),  # per-tensor cos quantiles (granularity: tensor)
+    _m("seg_cos_p10", None, "", "conflict"),  # per-tensor cos quantiles (every task-gradient arm)
     _m("seg_cos_median", None, "", "conflict"),
     _m("seg_cos_p90", None, "", "conflict"),
     _m("seg_conflict", None, "fraction of tensors", "conflict"),
     _m("seg_shared", None, "fraction of tensors", "conflict"),
+    _m("seg_norm_ratio_median", None, "‖g_p‖/‖g_g‖", "conflict"),  # over the tensors both reach
     # the Monte Carlo teacher's own quality on held-out images (its top-1 is mc_acc)
     _m("teacher_nll", False, "nats", "teacher"),
     _m("teacher_ece", False, "fraction", "teacher"),

@@ -102,9 +102,27 @@ def global_gram(local: torch.Tensor, segments: torch.Tensor | None) -> torch.Ten
     (perf P2dp, docs/performance.md): exactly 2·⌈D/W⌉·W + 4·S floats handed to collectives per
     step; on gloo the pair's reduce-scatter took 14.7 ms where an all-reduce of it took 9.3 ms.
     """
+    mine, seg, num = averaged_slice(local, segments)
+    return _summed(strategies.gram_matrix(mine, seg, num_segments=num))
+
+
+def global_grams(local: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whole-vector Gram [1, 2, 2], per-segment Grams [S, 2, 2]) of the rank-averaged task
+    gradients, from one reduce-scatter (as :func:`global_gram`) and two all-reduces of 4 and 4·S
+    floats. The whole-vector Gram is computed exactly as ``global_gram(local, None)`` computes it
+    (not as the segments' sum, which differs in the last float bits), so a whole-vector rule's
+    weights stay bitwise what they were; the per-segment Grams are the per-tensor telemetry."""
+    mine, seg, num = averaged_slice(local, segments)
+    return (_summed(strategies.gram_matrix(mine)),
+            _summed(strategies.gram_matrix(mine, seg, num_segments=num)))
+
+
+def averaged_slice(local: torch.Tensor, segments: torch.Tensor | None):
+    """(this rank's 1/W slice of ḡ = (1/W)Σ_r g_r by reduce-scatter, its segment ids, S); one
+    process: (local, segments, S) as they are."""
     num = 1 if segments is None else int(segments[-1]) + 1
     if not distributed():
-        return strategies.gram_matrix(local, segments, num_segments=num)
+        return local, segments, num
     world, d = dist.get_world_size(), local.shape[1]
     m = -(-d // world)  # slice length; the padding is zeros and adds nothing to the Gram
     padded = torch.nn.functional.pad(local, (0, m * world - d))
@@ -115,9 +133,16 @@ def global_gram(local: torch.Tensor, segments: torch.Tensor | None) -> torch.Ten
     seg = None
     if segments is not None:
         r = dist.get_rank()
-        seg = torch.nn.functional.pad(segments, (0, m * world - d))[r * m: (r + 1) * m]
-    gram = strategies.gram_matrix(mine, seg, num_segments=num)
-    dist.all_reduce(gram)
+        # padded with the last id: its gradients are zeros, and the ids stay sorted (gram_matrix's
+        # fast path)
+        seg = torch.nn.functional.pad(segments, (0, m * world - d), value=num - 1)[r * m: (r + 1) * m]
+    return mine, seg, num
+
+
+def _summed(gram: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of each rank's partial Gram (an all-reduce; nothing on one process)."""
+    if distributed():
+        dist.all_reduce(gram)
     return gram
 
 

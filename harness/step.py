@@ -227,8 +227,10 @@ class JointStep(Step):
         self.strategy = strategies.get(cfg.strategy.name)
         model = self.net.model
         self.shared, self.head = model.shared_parameters(), model.head_parameters()
-        tensor = cfg.strategy.granularity == "tensor"
-        self.segments = strategies.segment_ids([p.numel() for p in self.shared]).to(device) if tensor else None
+        # per-tensor segment ids whatever the granularity: the telemetry is per tensor on every arm
+        # that takes task gradients; the strategy's own segments are these or the whole vector
+        self.tensors = strategies.segment_ids([p.numel() for p in self.shared]).to(device)
+        self.segments = self.tensors if cfg.strategy.granularity == "tensor" else None
         self.state = None  # a stateful rule's running state (gradvac)
         self.buffer: torch.Tensor | None = None  # [2, D] task gradients, reused every step
 
@@ -278,12 +280,15 @@ class JointStep(Step):
         g_p = torch.autograd.grad(loss_p, params, allow_unused=True)
         g_g = torch.autograd.grad(loss_g, self.shared, allow_unused=True)
         local = self.task_grads(g_p[:n], g_g)
-        gram = parallel.global_gram(local, self.segments)
+        whole, per_tensor = parallel.global_grams(local, self.tensors)
+        gram = per_tensor if self.segments is not None else whole
         w, tel = strategies.weights(self.strategy.name, gram, state=self.state,
                                     **self.cfg.strategy.options)
         self.state = tel.pop("state", self.state)
         task_weights = self.strategy.loss_weights(**self.cfg.strategy.options)
-        summary = summarize(gram, w, tel, task_weights)  # before apply_weights overwrites g_p
+        # per-tensor telemetry for every granularity: a whole-vector rule's weights apply to every
+        # tensor, so update_change over the per-tensor Grams is the whole vector's (Σ_s G_s = G)
+        summary = summarize(per_tensor, w.reshape(-1, 2).expand(per_tensor.shape[0], 2), tel, task_weights)
         combined = strategies.apply_weights(local, w, self.segments, in_place=True)
         # the heads (classification, and segmentation when on: model.head_parameters) take their
         # own task's gradient, unaligned but task-weighted as in sum's w_p·L_p

