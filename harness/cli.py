@@ -188,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="the sweep's storage root: relative results paths are "
                    "looked up under it (default: GENREP_STORAGE)")
     s.set_defaults(fn=cmd_report, verbose=False)
-    s = sub.add_parser("perf", help="measure the harness's cost against its targets (P1-P7)")
+    s = sub.add_parser("perf", help="measure the harness's cost against its targets (P1-P8)")
     s.add_argument("--quick", action="store_true",
                    help="few rounds, short P3b training and P5 trials; P7 not run (--update keeps "
                         "the last figure)")

@@ -130,6 +130,26 @@ class PerceptionConfig:
 
 
 @dataclass(frozen=True)
+class SemanticConfig:
+    """Semantic-driven generation and representation alignment (docs/method.md, "Two stages and
+    semantic-driven generation (harness)"). Either switch gives the model its semantic module
+    (``ModelConfig.semantic``) and the trial a semantic network: an EMA copy of the unified
+    network whose pooled perception features x_sem condition the generation loss."""
+
+    enabled: bool = False  # semantic-driven generation: a mean correction and a variance factor from x_sem
+    rep_align: float = 0.0  # REPA weight of the representation-alignment term; > 0 switches it on
+    vlb_weight: float = 1e-3  # weight of the variational-bound term that trains the variance factor
+    ema_decay: float = 0.999  # m of θ_sem ← m·θ_sem + (1−m)·θ, after every optimizer step of stage 2
+    # where x_sem comes from while sampling: the semantic net's features of the step's x̂_0, or of x_t
+    inference: Literal["x0_hat", "x_t"] = "x0_hat"
+
+    @property
+    def on(self) -> bool:
+        """Does the trial need the semantic module and the semantic network?"""
+        return self.enabled or self.rep_align > 0
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     p_uncond: float = 0.1  # label dropout: the null class with this probability
     use_ce: bool = True
@@ -141,6 +161,7 @@ class MethodConfig:
     ema_decay: float = 0.999
     mc: McConfig = field(default_factory=McConfig)
     perception: PerceptionConfig = field(default_factory=PerceptionConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
 
 
 @dataclass(frozen=True)
@@ -161,6 +182,9 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 = off (DeepSpeed's own default would silently be 1.0)
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
+    # stage 1: the first N steps train perception alone (L_perc, no teacher, no strategy); stage 2
+    # is the joint training from step N on (docs/method.md); 0 = no stage 1
+    stage1_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -233,12 +257,14 @@ class TrialConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def model_config(self):
-        """The network's config: the preset, its overrides, and the seg head when ``segment`` is a
-        perception task (the one place that decides it)."""
+        """The network's config: the preset, its overrides, the seg head when ``segment`` is a
+        perception task and the semantic module when ``method.semantic`` is on (the one place
+        that decides both)."""
         from genrep.model import preset
 
         return preset(self.model.preset, **self.model.overrides,
-                      seg_head="segment" in self.method.perception.tasks)
+                      seg_head="segment" in self.method.perception.tasks,
+                      semantic=self.method.semantic.on)
 
 
 @dataclass(frozen=True)
@@ -435,10 +461,14 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
                    **_positive("tau_kd"),
                    "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
                    "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)")},
+    SemanticConfig: {"rep_align": (lambda v: v >= 0, "must be >= 0"),
+                     "vlb_weight": (lambda v: v >= 0, "must be >= 0"),
+                     "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)")},
     TrainConfig: {**_positive("steps", "batch_size", "lr", "log_every"),
                   "grad_clip": (lambda v: v >= 0, "must be >= 0"),
                   "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
-                  "checkpoint_every": (lambda v: v >= 0, "must be >= 0")},
+                  "checkpoint_every": (lambda v: v >= 0, "must be >= 0"),
+                  "stage1_steps": (lambda v: v >= 0, "must be >= 0")},
     EvalConfig: {**_positive("mc_k", "samples_per_class", "ddim_steps", "guidance_samples_per_class"),
                  "mc_images": (lambda v: v == "all" or v > 0, 'must be > 0 or "all"'),
                  "guidance_scale": (lambda v: v == "auto" or v >= 0, 'must be >= 0 or "auto"'),
@@ -503,6 +533,7 @@ def _cross_checks(cfg: SweepConfig, where: str) -> None:
     if not cfg.method.use_ce and cfg.method.beta_kd == 0:
         raise ConfigError(f"{where}: method: use_ce is false and beta_kd is 0: no perception loss")
     _check_dense(cfg, where)
+    _check_semantic(cfg, where)
     _check_eval_splits(cfg, where)
     from harness import modes
 
@@ -545,6 +576,35 @@ def _check_dense(cfg: SweepConfig, where: str) -> None:
     if "classify" not in p.tasks and cfg.method.beta_kd != 0:
         raise ConfigError(f"{where}: method.beta_kd: the teacher distils into the classification "
                           "head, and method.perception.tasks has no classify; set beta_kd: 0")
+
+
+def _check_semantic(cfg: SweepConfig, where: str) -> None:
+    """Two stages and semantic-driven generation: stage 1 shorter than the run, the semantic
+    module only through ``method.semantic``, and neither in a mode that shares no network."""
+    from harness import modes
+
+    t, sem = cfg.train, cfg.method.semantic
+    if t.stage1_steps >= t.steps:
+        raise ConfigError(f"{where}: train.stage1_steps: {t.stage1_steps} leaves no step of stage 2 "
+                          f"(must be < train.steps = {t.steps})")
+    if t.stage1_steps and not cfg.method.use_ce and "segment" not in cfg.method.perception.tasks:
+        raise ConfigError(f"{where}: train.stage1_steps: stage 1 trains perception without the "
+                          "teacher, and method.use_ce is false with no segment task: it would "
+                          "have no loss")
+    if "semantic" in cfg.model.overrides:
+        raise ConfigError(f"{where}: model.overrides.semantic: set by method.semantic (enabled or "
+                          "rep_align > 0 adds the module); remove it here")
+    used = [f for f, on in (("method.semantic.enabled", sem.enabled),
+                            ("method.semantic.rep_align", sem.rep_align > 0),
+                            ("train.stage1_steps", t.stage1_steps > 0)) if on]
+    # a variant with overrides is checked with its own strategy (check_override), one without here
+    arms = [*cfg.strategies, *(v.strategy for v in cfg.variants.values() if not v.overrides)]
+    for s in arms:
+        if used and not modes.is_joint(s):
+            raise ConfigError(f"{where}: {used[0]}: not available with strategy {s!r}: its two "
+                              "networks share nothing, so there is no unified network whose "
+                              "perception could drive its generation, nor one to pre-train in a "
+                              "stage 1; use a joint strategy")
 
 
 def _check_eval_splits(cfg: SweepConfig, where: str) -> None:
@@ -647,7 +707,7 @@ def check_override(cfg: SweepConfig, overrides: dict[str, Any], strategy: str, l
     """Validate ``overrides`` ({dotted path: value}) for ``strategy``'s trials as if written into the
     sweep file together: each path must exist, each value type-check, and the whole pass every
     field and cross-field check."""
-    raw = _plain(cfg)
+    raw = {**_plain(cfg), "strategies": [strategy]}  # the arm's own strategy, not every arm's
     for path, value in overrides.items():
         try:
             keys = _sweep_path(path, strategy)

@@ -28,6 +28,7 @@ from genrep.metrics import (HELDOUT_TIMESTEPS, binomial_stderr, expected_calibra
 from genrep.posterior import mc_posterior, teacher_quality
 from genrep.reference import ReferenceNet, accuracy, embed, train_reference
 from genrep.sampling import grid_png, sample_grid, sampling_evals
+from genrep.semantic import semantic_step_fn
 from harness import atomic
 
 HELDOUT_SEED = 0  # fixed noise for the held-out loss: the same draws for every trial and strategy
@@ -156,10 +157,26 @@ def mc_metrics(model, images, labels, k: int, alphas_cumprod, seed: int,
     return out, res.evals
 
 
-def heldout_metrics(model, images, labels, alphas_cumprod) -> tuple[dict[str, float], int]:
+def semantic_eps_fn(model, sem_model, images, labels):
+    """ε_θ(x_t, t, y_i) + Δε(x_t, x_sem_i) (``model.eps_semantic``), x_sem_i the semantic network's
+    features of clean held-out image i. It takes row indices i where an ε function takes labels,
+    so each chunk that heldout_denoising_errors forwards finds its own images' x_sem."""
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        x_sem = sem_model.semantic_features(images.to(dtype))
+    return lambda x, t, i: model.eps_semantic(x.to(dtype), t, labels[i], x_sem[i]).float()
+
+
+def heldout_metrics(model, images, labels, alphas_cumprod, sem_model=None) -> tuple[dict[str, float], int]:
     """Held-out ε-MSE at fixed timesteps and fixed noise (mean and per t), each with the stderr
-    of its mean over the N images; N·|timesteps| evaluations."""
-    errors = heldout_denoising_errors(eps_fn(model), images, labels,
+    of its mean over the N images; N·|timesteps| evaluations. With ``sem_model`` (semantic-driven
+    generation) the ε is the modulated one, x_sem from the semantic network on the clean images
+    (N encoder-half forwards more, not counted, like the head's)."""
+    fn, keys = eps_fn(model), labels
+    if sem_model is not None:
+        fn = semantic_eps_fn(model, sem_model, images, labels)
+        keys = torch.arange(labels.shape[0], device=labels.device)
+    errors = heldout_denoising_errors(fn, images, keys,
                                       alphas_cumprod.to(images.device), seed=HELDOUT_SEED)
     mean, per_t = heldout_loss_of(errors, HELDOUT_TIMESTEPS)
     # an image's loss is its mean over the timesteps: their mean over images is ``mean``
@@ -170,14 +187,15 @@ def heldout_metrics(model, images, labels, alphas_cumprod) -> tuple[dict[str, fl
 
 
 def sample_metrics(model, images, ref_net, per_class: int, steps: int, guidance_scale: float,
-                   seed: int, grid_path=None) -> tuple[dict[str, float], int]:
+                   seed: int, grid_path=None, semantic=None) -> tuple[dict[str, float], int]:
     """Class-conditional DDIM samples scored by the reference net: Fréchet distance of its features
     to the held-out images' (fd_ref, bootstrap stderr over both sets), their kernel distance
     (kid_ref, unbiased MMD², jackknife stderr) and the reference net's accuracy on the samples
-    (sample_acc, binomial stderr over the samples)."""
+    (sample_acc, binomial stderr over the samples). ``semantic``: genrep.semantic.semantic_step_fn's
+    callable, for semantic-driven sampling (its semantic network's forwards are not counted)."""
     samples, labels = sample_grid(eps_fn(model), model.num_classes, per_class, images.shape[1:],
                                   device=images.device, steps=steps, guidance_scale=guidance_scale,
-                                  null_class=model.null_class, generator=seed)
+                                  null_class=model.null_class, generator=seed, semantic=semantic)
     if grid_path is not None:
         atomic.write_bytes(grid_path, grid_png(samples, model.num_classes))
     real, fake = embed(ref_net, images), embed(ref_net, samples)
@@ -206,11 +224,13 @@ def choose_guidance(model, images, ref_net, choices, per_class: int, steps: int,
 def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: int = 8,
              mc_images: int | str = 64, sample_per_class: int = 10, ddim_steps: int = 20,
              guidance_scale: float | str = 1.0, seed: int = 0, alphas_cumprod,
-             grid_path=None, estimate=None, val_masks=None,
+             grid_path=None, estimate=None, val_masks=None, semantic=None,
              guidance_choices=(1.0, 2.0, 3.0), guidance_by: str = "fd_ref",
              guidance_per_class: int | None = None, choice_images=None) -> dict[str, float]:
     """All held-out metrics of one trial (perc_model is gen_model for joint training);
-    ``val_masks`` [N, H, W]: also the seg head's mIoU and pixel accuracy (``seg_metrics``).
+    ``val_masks`` [N, H, W]: also the seg head's mIoU and pixel accuracy (``seg_metrics``);
+    ``semantic`` (semantic network, x_sem source): the held-out loss and the samples of
+    semantic-driven generation (harness.step.JointStep.semantic_eval).
     ``mc_images``: a count, or "all" of the held-out images. ``guidance_scale: "auto"``: chosen
     among ``guidance_choices`` by ``guidance_by`` on ``choice_images`` (the val split; never the
     reported one) with ``guidance_per_class`` samples a class (default ``sample_per_class``), see
@@ -227,18 +247,25 @@ def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: in
         if val_masks is not None:
             out.update(seg_metrics(perc_model, val_images, val_masks, seed=seed))
         n_mc = val_images.shape[0] if mc_images == "all" else min(mc_images, val_images.shape[0])
+        # the zero-shot classifier keeps the base ε, as the training teacher does: Δε(x_t, x_sem)
+        # does not depend on the class, so it carries no class evidence; the posterior compares
+        # the classes' ε_θ(x_t, t, c) (and x_sem would be read off the very image being classified)
         mc, mc_evals = mc_metrics(gen_model, val_images[:n_mc], val_labels[:n_mc], mc_k,
                                   alphas_cumprod, seed, estimate)
-        held, held_evals = heldout_metrics(gen_model, val_images, val_labels, alphas_cumprod)
+        sem_model, sem_step = None, None
+        if semantic is not None:
+            sem_model, source = semantic
+            sem_step = semantic_step_fn(gen_model, sem_model, source, alphas_cumprod.to(val_images.device))
+        held, held_evals = heldout_metrics(gen_model, val_images, val_labels, alphas_cumprod, sem_model)
         choice_evals = 0
         if guidance_scale == "auto":
             if choice_images is None:
                 raise ValueError('guidance_scale "auto" needs choice_images (the val split)')
             guidance_scale, _, choice_evals = choose_guidance(
                 gen_model, choice_images, ref_net, guidance_choices,
-                guidance_per_class or sample_per_class, ddim_steps, guidance_by)
+                guidance_per_class or sample_per_class, ddim_steps, guidance_by, semantic=sem_step)
         gen, gen_evals = sample_metrics(gen_model, val_images, ref_net, sample_per_class, ddim_steps,
-                                        guidance_scale, seed, grid_path)
+                                        guidance_scale, seed, grid_path, sem_step)
     out.update(mc | held | gen)
     out["guidance_scale"] = guidance_scale
     out["eval_network_evals"] = float(mc_evals + held_evals + choice_evals + gen_evals)

@@ -72,6 +72,13 @@ METRICS: dict[str, Metric] = _registry(
     _m("loss_seg_ce", False, "nats", "loss"),
     _m("loss_dice", False, "", "loss"),
     _m("seg_acc", True, "fraction", "perception"),  # the training batch's pixel accuracy
+    # semantic-driven generation (method.semantic): the variational-bound term that trains the
+    # variance factor, the representation-alignment term, the mean variance factor σ_f, and the
+    # training stage (1: perception only, 2: joint; train.stage1_steps)
+    _m("loss_vlb", False, "nats", "loss"),
+    _m("loss_rep", False, "", "loss"),
+    _m("sigma_factor", None, "", "loss"),
+    _m("stage", None, "", "loss"),
     # cost: per training step (reduced per trial in reports), then per evaluation
     _m("step_time", False, "s", "cost", objective=True, reduce="mean"),
     _m("images_per_s", True, "images/s", "cost", reduce="mean"),

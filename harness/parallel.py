@@ -168,22 +168,30 @@ def optimizer_step(engine) -> None:
 
 
 # ------------------------------------------------------------------------------- checkpoints
+# the copies a Network may hold beside its engine: the EMA teacher and the semantic network
+# (identical on every rank: rank 0 writes them, every rank reads them)
+COPIES = ("ema", "sem")
+
+
 def save_checkpoint(path: Path, networks: dict[str, Any], loop_state: dict[str, Any]) -> None:
     """Every engine's DeepSpeed checkpoint (collective: each rank writes its partition), rank 0
-    writes the EMA copies, each rank its loop state (loader position, strategy state, step)."""
+    writes the EMA teacher and semantic copies, each rank its loop state (loader position,
+    strategy state, step)."""
     for name, net in networks.items():
         net.engine.save_checkpoint(str(path / name), tag="state")
-        if net.ema is not None and rank() == 0:
-            torch.save(net.ema.state_dict(), path / f"{name}-ema.pt")
+        for attr in COPIES:
+            if getattr(net, attr, None) is not None and rank() == 0:
+                torch.save(getattr(net, attr).state_dict(), path / f"{name}-{attr}.pt")
     torch.save(loop_state, path / f"loop-rank{rank()}.pt")
 
 
 def load_checkpoint(path: Path, networks: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`save_checkpoint`: loads engines and EMA copies, returns the loop state."""
+    """The inverse of :func:`save_checkpoint`: loads engines and copies, returns the loop state."""
     for name, net in networks.items():
         net.engine.load_checkpoint(str(path / name), tag="state")
-        if net.ema is not None:
-            net.ema.load_state_dict(torch.load(path / f"{name}-ema.pt"))
+        for attr in COPIES:
+            if getattr(net, attr, None) is not None:
+                getattr(net, attr).load_state_dict(torch.load(path / f"{name}-{attr}.pt"))
     return torch.load(path / f"loop-rank{rank()}.pt", weights_only=False)
 
 

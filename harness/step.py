@@ -23,6 +23,7 @@ from genrep.losses import generation_loss, multitask_perception_loss, perception
 from genrep.model import GenRepModel, build_model
 from genrep.posterior import McResult, draw_mc, fit_temperature, mc_posterior
 from genrep.reverse_chain import draw_chain_noise, reverse_chain_posterior
+from genrep.semantic import semantic_generation_loss
 from genrep.registry import Registry
 from genrep.strategies.telemetry import summarize
 from harness import engine as ds
@@ -50,7 +51,8 @@ def check_finite(step: int, **losses: torch.Tensor) -> None:
 
 
 class Network:
-    """One GenRep network with its DeepSpeed engine and (optionally) an EMA copy."""
+    """One GenRep network with its DeepSpeed engine and (optionally) an EMA teacher copy and a
+    semantic network."""
 
     def __init__(self, cfg: TrialConfig, world: int, seed: int, device: torch.device):
         self.model: GenRepModel = build_model(cfg.model_config(), seed=seed).to(device)
@@ -59,6 +61,12 @@ class Network:
         ema = cfg.method.mc.teacher == "ema" and cfg.method.beta_kd > 0
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema else None
         self.decay = cfg.method.ema_decay
+        # the semantic network (method.semantic on): an EMA copy of this network, read only through
+        # semantic_features under no_grad; a copy of the step-0 network here, copied again at the
+        # end of stage 1 (start_semantic), so it is the network as stage 2 begins either way
+        sem = cfg.method.semantic
+        self.sem = copy.deepcopy(self.model).requires_grad_(False) if sem.on else None
+        self.sem_decay = sem.ema_decay
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -66,6 +74,25 @@ class Network:
         if self.ema is not None:
             torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()],
                                  1 - self.decay)
+
+    @torch.no_grad()
+    def start_semantic(self) -> None:
+        """θ_sem ← θ: the semantic network starts stage 2 as the unified network."""
+        self.sem.load_state_dict(self.model.state_dict())
+
+    @torch.no_grad()
+    def update_semantic(self) -> None:
+        """θ_sem ← m·θ_sem + (1−m)·θ after every stage-2 optimizer step (one fused call), m =
+        method.semantic.ema_decay: the mean-teacher EMA (Tarvainen & Valpola 2017)."""
+        if self.sem is not None:
+            torch._foreach_lerp_(list(self.sem.parameters()), [p.detach() for p in self.model.parameters()],
+                                 1 - self.sem_decay)
+
+    @torch.no_grad()
+    def semantic_features(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x_sem [B, F]: the semantic network's pooled perception features of the clean images
+        (at t_p, ∅), no gradient; None when method.semantic is off."""
+        return None if self.sem is None else self.sem.semantic_features(x)
 
     def teacher(self) -> GenRepModel:
         return self.ema if self.ema is not None else self.model
@@ -92,6 +119,10 @@ class Step:
         if hasattr(self, "state"):
             self.state = state["strategy_state"]
         self.tau, self.tau_step = state.get("tau", self.tau), state.get("tau_step", self.tau_step)
+
+    def semantic_eval(self, step: int | None):
+        """(semantic network, x_sem source) for evaluation with semantic-driven generation, or None."""
+        return None
 
     def mc_options(self) -> dict[str, Any]:
         """The teacher's estimator settings shared by training, calibration and evaluation."""
@@ -163,12 +194,19 @@ class Step:
             return self.estimate(eps_fn, images, tau, generator, k=k), tau
         return estimate
 
-    def generation_loss(self, model: GenRepModel, x, y, step: int):
-        """genrep's L_gen on this rank's rows of draws made for the global batch."""
+    def generation_loss(self, model: GenRepModel, x, y, step: int, x_sem: torch.Tensor | None = None):
+        """genrep's L_gen on this rank's rows of draws made for the global batch; given the
+        semantic network's features ``x_sem``, genrep.semantic's loss instead: L_gen of the
+        modulated ε (``method.semantic.enabled``) + vlb_weight·L_vlb + rep_align·L_rep."""
         g = step_generator(self.cfg.seed, step, "denoise")
         draws = draw_denoising(self.shard.global_batch, tuple(x.shape[1:]), len(self.alphas_cumprod),
                                self.cfg.method.p_uncond, g).rows(self.shard.rows, self.device)
-        return generation_loss(model.eps, x, y, draws, self.alphas_cumprod, model.null_class)
+        if x_sem is None:
+            return generation_loss(model.eps, x, y, draws, self.alphas_cumprod, model.null_class)
+        sem = self.cfg.method.semantic
+        return semantic_generation_loss(model, x, y, draws, self.alphas_cumprod, model.null_class, x_sem,
+                                        vlb_weight=sem.vlb_weight, rep_weight=sem.rep_align,
+                                        modulate=sem.enabled)
 
     def teacher_probs(self, teacher: GenRepModel, x, step: int):
         """q(c|x) [n, C] for the first n = ⌈subset·B⌉ images every ``mc.every`` steps, else [0, C].
@@ -253,10 +291,13 @@ class JointStep(Step):
         return self.buffer
 
     def __call__(self, x, y, step: int, masks=None) -> dict[str, Any]:
+        """Stage 1 (step < train.stage1_steps): perception alone; stage 2: the joint step."""
+        if step < self.cfg.train.stage1_steps:
+            return self.perception_step(x, y, step, masks)
         model, engine = self.net.model, self.net.engine
         q, mq = self.teacher_probs(self.net.teacher(), x, step)
         loss_p, mp = self.perception_loss(model, x, y, q, masks)
-        loss_g, mg = self.generation_loss(model, x, y, step)
+        loss_g, mg = self.generation_loss(model, x, y, step, self.net.semantic_features(x))
         check_finite(step, loss_perc=loss_p, loss_gen=loss_g)
         if self.strategy.needs_task_grads:
             tel = self.aligned_backward(loss_p, loss_g)
@@ -266,7 +307,37 @@ class JointStep(Step):
             tel = {}
         parallel.optimizer_step(engine)
         self.net.update_ema()
-        return {**mq, **mp, **mg, **tel}
+        self.net.update_semantic()
+        return {**mq, **mp, **mg, **tel, **self.stage_metric(2)}
+
+    def perception_step(self, x, y, step: int, masks=None) -> dict[str, Any]:
+        """Stage 1: L_perc alone, one engine backward, no strategy (there is one task). No teacher:
+        the denoiser it would read is the one stage 1 leaves untrained, so its posterior is noise;
+        L_perc is not task-weighted (nothing to weigh it against). The last stage-1 step copies
+        the network into the semantic network (Network.start_semantic)."""
+        q = x.new_zeros(0, self.num_classes)  # no teacher rows: the distillation term is 0
+        loss_p, mp = self.perception_loss(self.net.model, x, y, q, masks)
+        check_finite(step, loss_perc=loss_p)
+        parallel.backward(self.net.engine, loss_p)
+        parallel.optimizer_step(self.net.engine)
+        self.net.update_ema()
+        if step + 1 == self.cfg.train.stage1_steps and self.net.sem is not None:
+            self.net.start_semantic()
+        return {**mp, "mc_evals": 0.0, **self.stage_metric(1)}
+
+    def stage_metric(self, stage: int) -> dict[str, float]:
+        """``stage`` (1 or 2) for trials with a stage 1 or the semantic network, else nothing."""
+        on = self.cfg.train.stage1_steps > 0 or self.cfg.method.semantic.on
+        return {"stage": float(stage)} if on else {}
+
+    def semantic_eval(self, step: int | None):
+        """What evaluation needs for semantic-driven generation: (semantic network, x_sem source
+        while sampling) once stage 2 has begun with ``method.semantic.enabled``, else None (stage
+        1: the semantic network is not made yet; rep_align alone changes only training)."""
+        sem = self.cfg.method.semantic
+        if not sem.enabled or (step is not None and step < self.cfg.train.stage1_steps):
+            return None
+        return self.net.sem, sem.inference
 
     def aligned_backward(self, loss_p, loss_g) -> dict[str, float]:
         """Task gradients → global Gram matrix → strategy weights → combined gradient.
@@ -308,6 +379,9 @@ class SeparateStep(Step):
     """
 
     def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device):
+        if cfg.method.semantic.on or cfg.train.stage1_steps:  # config.py refuses it at load time
+            raise ValueError("method.semantic and train.stage1_steps need one unified network; "
+                             "separate trains two that share nothing")
         super().__init__(cfg, shard, device)
         self.perc = Network(cfg, shard.world, cfg.seed, device)
         self.gen = Network(cfg, shard.world, cfg.seed + 10_000, device)

@@ -194,17 +194,18 @@ def load_checkpoint(path: Path, step_fn, loader) -> int:
 
 # ---------------------------------------------------------------- fault injection (tests only)
 # Hooks for the reliability tests (docs/reliability.md); inert unless the variable is set. Value:
-# "N" (every trial) or "N:strategy" (only that strategy's trials); N is the 0-based step index.
-FAULT_KILL = "GENREP_FAULT_KILL_AT_STEP"  # SIGKILL rank 0 before step N, once per trial run
+# "N" (every trial) or "N:strategy" (only that strategy's trials), N a 0-based step index or a
+# comma-separated list of them ("5,10": a kill before each, so a trial dies and resumes twice).
+FAULT_KILL = "GENREP_FAULT_KILL_AT_STEP"  # SIGKILL rank 0 before step N (or each of N,M,...), once each
 FAULT_NAN = "GENREP_FAULT_NAN_AT_STEP"  # feed an all-NaN batch at step N, on every attempt
 
 
-def fault_step(var: str, cfg: TrialConfig) -> int | None:
+def fault_steps(var: str, cfg: TrialConfig) -> set[int]:
     spec = os.environ.get(var, "")
     if not spec:
-        return None
-    step, _, strategy = spec.partition(":")
-    return int(step) if strategy in ("", cfg.strategy.name) else None
+        return set()
+    steps, _, strategy = spec.partition(":")
+    return {int(s) for s in steps.split(",")} if strategy in ("", cfg.strategy.name) else set()
 
 
 def inject_faults(cfg: TrialConfig, step: int, x: torch.Tensor, rank: int) -> torch.Tensor:
@@ -213,9 +214,9 @@ def inject_faults(cfg: TrialConfig, step: int, x: torch.Tensor, rank: int) -> to
     The kill hook leaves a marker in the run's storage directory first, so the attempt that Ray
     Train restarts from the last checkpoint runs through instead of dying again.
     """
-    if fault_step(FAULT_NAN, cfg) == step:
+    if step in fault_steps(FAULT_NAN, cfg):
         x = torch.full_like(x, float("nan"))
-    if fault_step(FAULT_KILL, cfg) == step and rank == 0:
+    if step in fault_steps(FAULT_KILL, cfg) and rank == 0:
         marker = fault_dir() / f"genrep-fault-kill-{cfg.hash()}-step{step}"
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)

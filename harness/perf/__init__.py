@@ -1,5 +1,5 @@
 """``genrep-bench perf``: the harness's cost against its targets (docs/performance.md): ``common``
-(settings, rows, processes, memory, timing), ``steps`` P1-P3, ``dataparallel`` P2dp, ``mc`` P3b,
+(settings, rows, processes, memory, timing), ``steps`` P1-P3 and P8, ``dataparallel`` P2dp, ``mc`` P3b,
 ``system`` P4-P7, ``output`` the table. Investigations behind the doc: scripts/investigations/."""
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def run_perf(settings: Settings) -> tuple[list[Row], dict[str, Any]]:
         return [r for r in found if r.id in ids]
 
     for row_id, wanted, fn in [
-            ("P1", ids & {"P1", "P2", "P3", "P4"}, step_section),
+            ("P1", ids & {"P1", "P2", "P3", "P4", "P8"}, step_section),
             ("P4", "P4" in ids, lambda: [system.p4_row(settings, shared)] if shared else []),
             ("P2dp", "P2dp" in ids, lambda: dataparallel.run(settings)),
             ("P6", "P6" in ids, lambda: [system.p6_row(settings)]),

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from harness.config import McConfig, SweepConfig, TrialConfig, apply_overrides
 
-IDS = ("P1", "P2", "P2dp", "P3", "P3b", "P3c", "P4", "P5", "P6", "P7")
+IDS = ("P1", "P2", "P2dp", "P3", "P3b", "P3c", "P4", "P5", "P6", "P7", "P8")
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,9 @@ TEACHERS = {"off": {"method.beta_kd": 0.0},
             "kd": {"method.beta_kd": 1.0, "method.mc": McConfig(calibrate_first=McConfig().calibrate_every)},
             "full": {"method.beta_kd": 1.0,
                      "method.mc": McConfig(k=8, every=1, subset=1.0, prune_k=None, prune_keep=None)}}
+# semantic-driven generation (P8), as trial overrides: mean correction and variance factor from the
+# semantic network's x_sem, and representation alignment at weight 0.5
+SEMANTIC = {"method.semantic.enabled": True, "method.semantic.rep_align": 0.5}
 
 
 def plain(sweep: SweepConfig) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""P1-P3, every configuration timed interleaved in one process with real DeepSpeed engines, peak
-memory in a fresh process each: P1 harness ``sum`` step ÷ a bare loop (same model, losses, AdamW);
-P2 ``genrep`` (published rule), ``pcgrad`` ÷ ``sum``, teacher off/on; P3 the teacher ÷ none."""
+"""P1-P3 and P8, every configuration timed interleaved in one process with real DeepSpeed engines,
+peak memory in a fresh process each: P1 harness ``sum`` step ÷ a bare loop (same model, losses,
+AdamW); P2 ``genrep`` (published rule), ``pcgrad`` ÷ ``sum``, teacher off/on; P3 the teacher ÷
+none; P8 semantic-driven generation ÷ none (``sum``, no teacher)."""
 from __future__ import annotations
 
 import time
@@ -14,7 +15,7 @@ from genrep.model import build_model
 from harness.config import TrialConfig, trial_from_dict
 from harness.engine import zero_stage
 from harness.parallel import step_generator
-from harness.perf.common import (TEACHERS, Row, Settings, Timed, median, peak_of, process_group,
+from harness.perf.common import (SEMANTIC, TEACHERS, Row, Settings, Timed, median, peak_of, process_group,
                                  ratio_stats, spawn_ranks, synthetic_batch, time_interleaved,
                                  timing_raw, trial)
 
@@ -61,6 +62,7 @@ def step_configs(settings: Settings) -> dict[str, tuple[str, TrialConfig]]:
     for name, teacher in (("sum", "off"), ("genrep", "off"), ("pcgrad", "off"), ("sum", "kd"),
                           ("genrep", "kd"), ("pcgrad", "kd"), ("sum", "full")):
         configs[f"{name}_{teacher}"] = ("harness", trial(settings, name, **TEACHERS[teacher]))
+    configs["sum_sem"] = ("harness", trial(settings, "sum", **TEACHERS["off"], **SEMANTIC))
     return configs
 
 
@@ -132,6 +134,8 @@ def step_rows(timed: dict[str, Timed], memory: dict[str, dict],
                     "sum_kd", "sum_off", "<=", 1.5, extra_s=cal.get("calibration_per_step_s", 0.0), **cal))
     rows.append(row("P3", "step with full teacher (K=8, every step, whole batch) ÷ teacher off",
                     "sum_full", "sum_off", note="shown beside P3, no target"))
+    rows.append(row("P8", "step with semantic-driven generation (enabled, rep_align 0.5; sum, teacher "
+                          "off) ÷ without", "sum_sem", "sum_off", "<=", 1.3))
     return rows
 
 

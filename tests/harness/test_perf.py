@@ -22,7 +22,7 @@ import yaml
 from harness.cli import main
 
 pytestmark = pytest.mark.slow
-EXPECTED = {"P1", "P2", "P2dp", "P3", "P3b", "P3c", "P4", "P6"}
+EXPECTED = {"P1", "P2", "P2dp", "P3", "P3b", "P3c", "P4", "P6", "P8"}
 
 
 def numbers(value):
