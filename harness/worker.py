@@ -56,6 +56,13 @@ class Window:
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
+    def state_dict(self) -> dict[str, dict]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        self.sums.update(state["sums"])
+        self.counts.update(state["counts"])
+
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's ``train_loop_per_worker``: ``config = {"trial": TrialConfig dict, "urls": {...}}``.
@@ -79,13 +86,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                          shuffle_buffer=cfg.data.shuffle_buffer, on_bad_sample=cfg.data.on_bad_sample,
                          image_size=cfg.data.image_size, labelled_fraction=cfg.data.labelled_fraction,
                          label_seed=cfg.data.label_seed, **mask_options(cfg, config["urls"]))
-    start = restore(step_fn, loader)
+    # timed: the whole run's means (the final report's step_time and mc_evals), checkpointed so
+    # that a resumed trial reports the means of every step, not of its last attempt's
     batches, window, timed = forever(loader), Window(), Window()
+    start = restore(step_fn, loader, timed)
     for step in range(start, cfg.train.steps):
         if due_evaluation(cfg, step):  # after `step` steps; a resumed trial repeats it (same values)
             row = {**evaluate(step_fn, cfg, config["urls"], shard, device, step), "step": step,
                    "split": cfg.eval.split}
-            report(row, step_fn, loader, step, checkpoint=False)
+            report(row, step_fn, loader, step, timed, checkpoint=False)
         x, y, *masks = next(batches)  # (images, labels[, masks]): masks with a segment task
         x = inject_faults(cfg, step, x, rank)
         t0 = time.perf_counter()
@@ -99,11 +108,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             row = {**window.means(), "step": done, "split": "train", "rss_mb": rss_mb(),
                    "skipped_samples": float(loader.skipped)}
-            report(row, step_fn, loader, done, due_checkpoint(cfg, done))
+            report(row, step_fn, loader, done, timed, due_checkpoint(cfg, done))
             window = Window()
     final = evaluate(step_fn, cfg, config["urls"], shard, device)
     final = {**final, **timed.means(), "step": cfg.train.steps, "split": cfg.eval.split, "done": True}
-    report(final, step_fn, loader, cfg.train.steps, checkpoint=False)
+    report(final, step_fn, loader, cfg.train.steps, timed, checkpoint=False)
     parallel.barrier()
     return final
 
@@ -153,7 +162,7 @@ def due_checkpoint(cfg: TrialConfig, done: int) -> bool:
     return done == cfg.train.steps or (every > 0 and done % every == 0)
 
 
-def report(metrics: dict[str, Any], step_fn, loader, step: int, checkpoint: bool) -> None:
+def report(metrics: dict[str, Any], step_fn, loader, step: int, timed: Window, checkpoint: bool) -> None:
     """``ray.train.report`` with, when due, a checkpoint of every engine and the loop's state."""
     import ray.train
 
@@ -161,17 +170,19 @@ def report(metrics: dict[str, Any], step_fn, loader, step: int, checkpoint: bool
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="genrep-ckpt-") as tmp:
-        save_checkpoint(Path(tmp), step_fn, loader, step)
+        save_checkpoint(Path(tmp), step_fn, loader, step, timed)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def save_checkpoint(path: Path, step_fn, loader, step: int) -> None:
-    """Every engine, EMA copy and the loop's state (step, loader position, strategy state)."""
-    state = {"step": step, "loader": loader.state_dict(), **step_fn.state_dict()}
+def save_checkpoint(path: Path, step_fn, loader, step: int, timed: Window) -> None:
+    """Every engine, EMA copy and the loop's state (step, loader position, strategy state, the
+    run's running means)."""
+    state = {"step": step, "loader": loader.state_dict(), "timed": timed.state_dict(),
+             **step_fn.state_dict()}
     parallel.save_checkpoint(path, step_fn.networks(), state)
 
 
-def restore(step_fn, loader) -> int:
+def restore(step_fn, loader, timed: Window) -> int:
     """Resume from Ray Train's latest checkpoint, if any; returns the first step to run."""
     import ray.train
 
@@ -179,15 +190,16 @@ def restore(step_fn, loader) -> int:
     if ckpt is None:
         return 0
     with ckpt.as_directory() as path:
-        step = load_checkpoint(Path(path), step_fn, loader)
+        step = load_checkpoint(Path(path), step_fn, loader, timed)
     log.warning("rank %d resumed from step %d", parallel.rank(), step)
     return step
 
 
-def load_checkpoint(path: Path, step_fn, loader) -> int:
+def load_checkpoint(path: Path, step_fn, loader, timed: Window) -> int:
     """The inverse of :func:`save_checkpoint`; returns the first step to run."""
     state = parallel.load_checkpoint(path, step_fn.networks())
     loader.load_state_dict(state["loader"])
+    timed.load_state_dict(state.get("timed", {"sums": {}, "counts": {}}))
     step_fn.load_state_dict(state)
     return int(state["step"])
 
