@@ -65,16 +65,40 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         # One machine has no other node to lose: Ray Train's preemption watcher (an actor per
         # trial polling for node preemption notices) only costs a process start, ~1.5 CPU-s a
         # trial (docs/performance.md, P5). A cluster keeps it.
-        warn_other_ray(_gcs_addresses())
+        other_ray_note(_gcs_addresses())
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get(
             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Every process of this cluster is told its address: Ray's state API, which Ray Train
+        # V2's placement-group cleaner calls with no address, otherwise finds "its" cluster by
+        # grepping ``ps`` and fails when another Ray instance runs on the machine; the trial's
+        # workers' placement group then leaks and later trials stall (docs/sweeps.md, "One Ray
+        # instance per machine"). So the GCS port is chosen here rather than by Ray.
+        port = free_port()
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
         # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train V2 needs to
         # clean up the placement groups of finished trials; without it they leak and later
         # trials time out waiting for CPUs.
         # address="local": a new cluster even when another one on this machine is recorded in
         # /tmp/ray/ray_current_cluster (plain ray.init() would silently join that one).
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", **quiet)
+        saved = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray._private.node at start-up
+        try:
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1", **quiet)
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS's pick for a bind to port 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _gcs_addresses() -> list[str]:
@@ -84,18 +108,16 @@ def _gcs_addresses() -> list[str]:
     return sorted(services.find_gcs_addresses())
 
 
-def warn_other_ray(addresses: list[str]) -> str | None:
-    """Warn (and return the text) when other Ray instances run on this machine: Ray Train V2's
-    placement-group cleaner asks the state API with no address, which then cannot tell the
-    clusters apart and fails, so the placement group of a trial stopped early (ASHA) or killed
-    is never removed and later trials wait for CPUs until Train's start-up timeout (seen here:
-    docs/sweeps.md, "One Ray instance per machine")."""
+def other_ray_note(addresses: list[str]) -> str | None:
+    """Log (and return) a note when other Ray instances run on this machine. Harmless since the
+    embedded cluster tells its processes its own address (``init_ray``), but they share the
+    machine's cores, which slows trials and skews timings."""
     if not addresses:
         return None
     text = (f"{len(addresses)} other Ray instance(s) run on this machine ({', '.join(addresses)}): "
-            "a trial stopped early or killed may leak its workers' placement group and stall "
-            "later trials (docs/sweeps.md, \"One Ray instance per machine\")")
-    log.warning(text)
+            "they share its cores, so trials run slower and timings are skewed "
+            "(docs/sweeps.md, \"One Ray instance per machine\")")
+    log.info(text)
     return text
 
 

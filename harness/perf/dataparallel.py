@@ -90,10 +90,12 @@ def summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
             "collective_bytes_per_step": max(sum(r["bytes_per_step"].values()) for r in ranks)}
 
 
-def expected_extra_bytes(d: int, segments: int, world: int, itemsize: int = 4) -> int:
+def expected_extra_bytes(d: int, tensors: int, world: int, itemsize: int = 4) -> int:
     """Payload the alignment adds per step: 2 reduce-scatters of the padded task gradients,
-    2·⌈D/W⌉·W·itemsize, and the all-reduce of the S Gram matrices, 4·S·itemsize (harness.step)."""
-    return 2 * -(-d // world) * world * itemsize + 4 * segments * itemsize
+    2·⌈D/W⌉·W·itemsize, the all-reduce of the whole-vector Gram, 4·itemsize, and that of the S
+    per-tensor Grams (telemetry on every arm, the rule's own Grams at tensor granularity),
+    4·S·itemsize (harness.parallel.global_grams)."""
+    return 2 * -(-d // world) * world * itemsize + 4 * itemsize + 4 * tensors * itemsize
 
 
 def run(settings: Settings) -> list[Row]:
@@ -102,11 +104,10 @@ def run(settings: Settings) -> list[Row]:
     ranks = spawn_ranks(_rank, world, raw_sweep, "genrep", steps)
     gen, d = summary(ranks), ranks[0]["shared_params"]
     cfg = settings.sweep.trial("genrep", settings.sweep.seeds[0])
-    segments = ranks[0]["segments"] if cfg.strategy.granularity == "tensor" else 1
     extra, extra_mb = (gen[k] - sums[k] for k in ("collective_bytes_per_step", "step_peak_mb"))
     raw = {"sum": sums, "genrep": gen, "workers": world, "zero_stage": cfg.deepspeed.zero_stage,
            "steps": steps, "shared_params": d, "extra_collective_bytes_per_step": extra,
-           "expected_extra_bytes_per_step": expected_extra_bytes(d, segments, world),
+           "expected_extra_bytes_per_step": expected_extra_bytes(d, ranks[0]["segments"], world),
            "extra_step_peak_mb": extra_mb}
     return [Row("P2dp", f"genrep step ÷ sum step, {world} gloo workers, ZeRO-{cfg.deepspeed.zero_stage} "
                         f"(extra collective payload {extra / 2**20:.2f} MiB/step, extra step peak "

@@ -14,7 +14,7 @@ from harness.config import from_dict
 from harness.data import make_loader
 from harness.step import Shard, make_step
 from harness.trial import prepare_data
-from harness.worker import forever, load_checkpoint, prepare_teacher, save_checkpoint
+from harness.worker import Window, forever, load_checkpoint, prepare_teacher, save_checkpoint
 from tests.conftest import tiny_sweep
 
 STEPS = 4
@@ -81,9 +81,13 @@ def test_resume_from_checkpoint_is_bitwise_exact(sweep, strategy, tmp_path):
     straight = train(*make_run(cfg, urls, strategy, 0), 0, 5)
     step_fn, loader = make_run(cfg, urls, strategy, 0)
     head = train(step_fn, loader, 0, 2)
-    save_checkpoint(tmp_path, step_fn, loader, 2)
+    timed = Window()
+    timed.add({"step_time": 0.25, "mc_evals": 3.0})
+    save_checkpoint(tmp_path, step_fn, loader, 2, timed)
     step_fn, loader = make_run(cfg, urls, strategy, 0)
-    assert load_checkpoint(tmp_path, step_fn, loader) == 2
+    restored = Window()
+    assert load_checkpoint(tmp_path, step_fn, loader, restored) == 2
+    assert restored.state_dict() == timed.state_dict()  # the run's running means come back
     assert head + train(step_fn, loader, 2, 5) == straight
 
 
