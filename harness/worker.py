@@ -224,7 +224,9 @@ def inject_faults(cfg: TrialConfig, step: int, x: torch.Tensor, rank: int) -> to
     """The batch to train on at ``step``, after the test-only fault hooks had their say.
 
     The kill hook leaves a marker in the run's storage directory first, so the attempt that Ray
-    Train restarts from the last checkpoint runs through instead of dying again.
+    Train restarts from the last checkpoint runs through instead of dying again, and waits until
+    the controller has taken this worker's last report (:func:`wait_for_reports_taken`): the
+    kill then tests resumption from a known checkpoint, the one reported just before.
     """
     if step in fault_steps(FAULT_NAN, cfg):
         x = torch.full_like(x, float("nan"))
@@ -233,9 +235,30 @@ def inject_faults(cfg: TrialConfig, step: int, x: torch.Tensor, rank: int) -> to
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
+            wait_for_reports_taken()
             log.warning("fault injection: SIGKILL of rank 0 before step %d", step)
             os.kill(os.getpid(), signal.SIGKILL)
     return x
+
+
+def wait_for_reports_taken(timeout: float = 120.0) -> None:
+    """Wait until Ray Train's controller has polled this worker's result queue empty.
+
+    ``ray.train.report`` returns once the result (and its checkpoint, already on storage) is on a
+    one-slot queue that the controller polls; a worker killed before the poll loses that report,
+    and Ray Train restarts from the checkpoint before it (correct, but then a test cannot know
+    which). Test-only (the kill hook); Ray internals, so a Ray without them waits 5 s instead."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        queue = get_train_context().get_result_queue()
+    except (ImportError, AttributeError):
+        time.sleep(5.0)
+        return
+    deadline = time.monotonic() + timeout
+    while not queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the controller handles the result it took in the same poll
 
 
 def fault_dir() -> Path:
