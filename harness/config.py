@@ -194,6 +194,11 @@ class EvalConfig:
     split: str = "val"
     # also evaluate every N training steps, from step 0 (the untrained baseline) on; 0: end only
     every: int = 0
+    # what those evaluations during training score: "all" (as the final one), or "perception"
+    # (the heads and the held-out denoising loss only: no zero-shot classifier, no guidance
+    # choice, no samples, so a curve of head accuracy costs N·4 forwards a point); the final
+    # evaluation always scores everything
+    every_metrics: Literal["all", "perception"] = "all"
     mc_k: int = 8  # draws of the zero-shot diffusion classifier
     # held-out images it scores, or "all" of the split (B·K·C network evaluations)
     mc_images: int | Literal["all"] = 64

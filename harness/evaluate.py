@@ -226,8 +226,11 @@ def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: in
              guidance_scale: float | str = 1.0, seed: int = 0, alphas_cumprod,
              grid_path=None, estimate=None, val_masks=None, semantic=None,
              guidance_choices=(1.0, 2.0, 3.0), guidance_by: str = "fd_ref",
-             guidance_per_class: int | None = None, choice_images=None) -> dict[str, float]:
+             guidance_per_class: int | None = None, choice_images=None,
+             scope: str = "all") -> dict[str, float]:
     """All held-out metrics of one trial (perc_model is gen_model for joint training);
+    ``scope="perception"``: only the heads' metrics and the held-out loss (an evaluation during
+    training with ``eval.every_metrics: perception``);
     ``val_masks`` [N, H, W]: also the seg head's mIoU and pixel accuracy (``seg_metrics``);
     ``semantic`` (semantic network, x_sem source): the held-out loss and the samples of
     semantic-driven generation (harness.step.JointStep.semantic_eval).
@@ -246,17 +249,22 @@ def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: in
         out.update(head_metrics(perc_model, val_images, val_labels))
         if val_masks is not None:
             out.update(seg_metrics(perc_model, val_images, val_masks, seed=seed))
+        sem_model, sem_step = None, None
+        if semantic is not None:
+            sem_model, source = semantic
+            sem_step = semantic_step_fn(gen_model, sem_model, source, alphas_cumprod.to(val_images.device))
+        held, held_evals = heldout_metrics(gen_model, val_images, val_labels, alphas_cumprod, sem_model)
+        if scope == "perception":
+            out.update(held)
+            out["eval_network_evals"] = float(held_evals)
+            out["eval_seconds"] = time.perf_counter() - t0
+            return {k: float(v) for k, v in out.items()}
         n_mc = val_images.shape[0] if mc_images == "all" else min(mc_images, val_images.shape[0])
         # the zero-shot classifier keeps the base ε, as the training teacher does: Δε(x_t, x_sem)
         # does not depend on the class, so it carries no class evidence; the posterior compares
         # the classes' ε_θ(x_t, t, c) (and x_sem would be read off the very image being classified)
         mc, mc_evals = mc_metrics(gen_model, val_images[:n_mc], val_labels[:n_mc], mc_k,
                                   alphas_cumprod, seed, estimate)
-        sem_model, sem_step = None, None
-        if semantic is not None:
-            sem_model, source = semantic
-            sem_step = semantic_step_fn(gen_model, sem_model, source, alphas_cumprod.to(val_images.device))
-        held, held_evals = heldout_metrics(gen_model, val_images, val_labels, alphas_cumprod, sem_model)
         choice_evals = 0
         if guidance_scale == "auto":
             if choice_images is None:

@@ -188,3 +188,22 @@ def test_guidance_auto_is_chosen_on_the_choice_images_and_counted():
     assert out["fd_ref"] == pytest.approx(report["fd_ref"])  # the reported images, seed 0
     # MC 4·2·3 + choice 27 + reported sampling + held-out 12·4
     assert out["eval_network_evals"] == 24 + 27 + n_report + 48
+
+
+def test_perception_scope_scores_the_heads_and_the_held_out_loss_only():
+    """An evaluation during training with ``eval.every_metrics: perception``: the head's and the
+    held-out loss's values are the full evaluation's, nothing else is computed, and it costs the
+    held-out loss's N·4 forwards (no zero-shot classifier, guidance choice or samples)."""
+    x, y = toy_dataset()
+    vx, vy = toy_dataset(4, seed=1)
+    ref = train_reference(x, y, epochs=2, seed=0, batch_size=16)
+    gen, ac = tiny_model(0), make_scheduler().alphas_cumprod
+    kw = dict(mc_k=2, mc_images=4, sample_per_class=2, ddim_steps=3, guidance_scale="auto",
+              guidance_choices=(1.0, 2.0), choice_images=toy_dataset(4, seed=2)[0], seed=0,
+              alphas_cumprod=ac)
+    full = evaluate(gen, gen, vx, vy, ref, **kw)
+    cheap = evaluate(gen, gen, vx, vy, ref, scope="perception", **kw)
+    kept = {k for k in full if k.startswith(("head_", "heldout_loss"))}
+    assert kept and set(cheap) == kept | {"eval_network_evals", "eval_seconds"}
+    assert all(cheap[k] == full[k] for k in kept)
+    assert cheap["eval_network_evals"] == vx.shape[0] * 4

@@ -3,8 +3,10 @@
 - A sweep whose driver is SIGKILLed (with its embedded Ray) after the first trial finished is
   finished by ``--resume``: the finished trial is not run again, the other one runs, and every
   (strategy, seed) ends with exactly one set of rows.
-- A trial that raises is attempted 1 + resources.max_failures times, then recorded as failed with
-  its error; the sweep goes on, and the CLI exits non-zero naming it.
+- A trial that raises (a batch larger than its split) or whose loss turns non-finite (the NaN
+  fault hook, GENREP_FAULT_NAN_AT_STEP) is attempted 1 + resources.max_failures times, then
+  recorded as failed with its error and what it reported before; the sweep goes on, and the CLI
+  exits non-zero naming it.
 """
 from __future__ import annotations
 
@@ -99,17 +101,20 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny):
 
 
 def test_failing_trial_is_retried_then_recorded_and_the_sweep_goes_on(tmp_path, tiny):
-    """`broken` asks for a batch larger than the training split: the worker raises every time."""
-    raw = tiny(strategies=["sum"], resources={"max_failures": 1},
+    """`broken` asks for a batch larger than the training split: the worker raises every time.
+    `genrep` gets an all-NaN batch at step 2 on every attempt (the fault hook)."""
+    raw = tiny(strategies=["sum", "genrep"], resources={"max_failures": 1},
                variants={"broken": {"strategy": "sum", "overrides": {"train.batch_size": 4096}}},
                grid={"method.beta_kd": [0.5]})
     path = write(tmp_path, raw)
-    run = subprocess.run(command(path), cwd=ROOT, text=True, capture_output=True, timeout=900)
+    run = subprocess.run(command(path), cwd=ROOT, text=True, capture_output=True, timeout=900,
+                         env={**os.environ, "GENREP_FAULT_NAN_AT_STEP": "2:genrep"})
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "FAILED trial broken-seed0-" in run.stderr
+    assert "FAILED trial broken-seed0-" in run.stderr and "FAILED trial genrep-seed0-" in run.stderr
     trials = pd.read_csv(Path(raw["output_dir"]) / "trials.csv").set_index("variant")
     assert trials.loc["sum", "status"] == "ok" and trials.loc["sum", "attempts"] == 1
-    assert trials.loc["broken", "status"] == "failed" and trials.loc["broken", "attempts"] == 2
+    for failed in ("broken", "genrep"):
+        assert trials.loc[failed, "status"] == "failed" and trials.loc[failed, "attempts"] == 2
     assert (trials["params"] == "method.beta_kd=0.5").all()
     df = results.read_results(raw["output_dir"])
     bad = df[df["strategy"] == "broken"]
@@ -117,3 +122,9 @@ def test_failing_trial_is_retried_then_recorded_and_the_sweep_goes_on(tmp_path, 
     assert json.loads(bad["config"].iloc[0])["strategy"]["name"] == "sum"  # label vs strategy run
     assert ((bad["split"] == "status") & (bad["metric"] == "failed")).sum() == 1
     assert set(df.loc[df["strategy"] == "sum", "split"]) == {"train", "val"}
+    nan = df[df["strategy"] == "genrep"]
+    assert set(nan["status"]) == {"failed"}
+    error = nan["error"].iloc[0]
+    assert "NonFiniteLoss" in error and "step 2: non-finite loss_perc" in error, error
+    assert ((nan["split"] == "status") & (nan["metric"] == "failed")).sum() == 1
+    assert 2 in set(nan.loc[nan["split"] == "train", "step"])  # what it reported before is kept
