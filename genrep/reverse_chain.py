@@ -22,15 +22,19 @@ from genrep.losses import EpsFn
 from genrep.posterior import McResult, log_prior, posterior
 
 
-def chain_timesteps(steps: int, num_timesteps: int) -> torch.Tensor:
-    """τ_i = round((T−1)·(1 − i/(steps−1))), i = 0..steps−1: T−1 down to 0, evenly spaced, Long[steps].
+def chain_timesteps(steps: int, num_timesteps: int, start: int | None = None) -> torch.Tensor:
+    """τ_i = round(s·(1 − i/(steps−1))), i = 0..steps−1, s = ``start`` (default T−1): s down to 0,
+    evenly spaced, Long[steps].
 
     A respaced reverse chain, as DDIM respaces (Song et al. 2021, Sec. 4.2); strictly decreasing
-    for steps ≤ T (the spacing (T−1)/(steps−1) is then ≥ 1 wherever steps > 1). steps = 1: [T−1].
+    for steps ≤ s + 1 (the spacing s/(steps−1) is then ≥ 1 wherever steps > 1). steps = 1: [s].
     """
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [1, T={num_timesteps}], got {steps}")
-    return torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+    s = num_timesteps - 1 if start is None else start
+    if not 0 <= s <= num_timesteps - 1:
+        raise ValueError(f"start must be in [0, T−1={num_timesteps - 1}], got {start}")
+    if not 1 <= steps <= s + 1:
+        raise ValueError(f"steps must be in [1, start+1={s + 1}], got {steps}")
+    return torch.linspace(s, 0, steps, dtype=torch.float64).round().long()
 
 
 def kept_indices(steps: int, burn_in: int, thin: int) -> list[int]:
@@ -169,11 +173,15 @@ def reverse_chain_posterior(eps_fn: EpsFn, x0: torch.Tensor, num_classes: int,
                             alphas_cumprod: torch.Tensor, *, steps: int, burn_in: int, thin: int,
                             tau_mc: float = 1.0, eta: float = 1.0, noise: torch.Tensor | None = None,
                             generator: torch.Generator | None = None, chunk_size: int = 256,
-                            prior=None) -> McResult:
+                            prior=None, start: int | None = None) -> McResult:
     """q(y|x) from the states of one reverse diffusion chain per image (GenRep; our reading).
 
-    Chain. τ_0 > … > τ_{steps−1}: ``steps`` timesteps evenly spaced from T−1 down to 0
-    (:func:`chain_timesteps`). x_{τ_0} = √ᾱ_{τ_0} x0 + √(1−ᾱ_{τ_0}) z_0: the chain is tied to the
+    Chain. τ_0 > … > τ_{steps−1}: ``steps`` timesteps evenly spaced from ``start`` (default T−1,
+    the paper's chain from pure noise) down to 0 (:func:`chain_timesteps`). From T−1 (ᾱ ≈ 4e-5)
+    the first state keeps almost nothing of x0, and the null-label chain then denoises towards
+    an image of its own: measured on perf P3b's network, every chain from T−1 is at chance (P3c),
+    and in a 10-step diagnostic on 100 held-out digits starting at t = 400 gave 0.51 top-1 where
+    T−1 gave 0.09 (docs/performance.md, P3c). x_{τ_0} = √ᾱ_{τ_0} x0 + √(1−ᾱ_{τ_0}) z_0: the chain is tied to the
     image, one chain per image shared by every class, stepped with the NULL label ∅ (class index
     ``num_classes``, the unconditional model) so that no class is favoured; step τ_i → τ_{i+1} is
     DDIM with η = ``eta`` (:func:`ddim_step`, η = 1 ancestral, η = 0 deterministic) from
@@ -226,7 +234,7 @@ def reverse_chain_posterior(eps_fn: EpsFn, x0: torch.Tensor, num_classes: int,
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     batch, shape = x0.shape[0], tuple(x0.shape[1:])
     log_p = log_prior(prior, num_classes)  # validates before any forward
-    timesteps = chain_timesteps(steps, alphas_cumprod.shape[0])
+    timesteps = chain_timesteps(steps, alphas_cumprod.shape[0], start)
     noise = _check_noise(noise, batch, steps, shape, generator, x0.device)
     states = run_chain(eps_fn, x0, timesteps, keep, alphas_cumprod, num_classes, eta, noise, chunk_size)
     loglik = state_log_likelihoods(eps_fn, x0, states, timesteps[keep], num_classes, alphas_cumprod,

@@ -94,6 +94,9 @@ class McConfig:
     burn_in: int = 50
     thin: int = 2
     eta: float = 1.0
+    # the chain's first timestep: None = T−1 (the paper's chain, from pure noise); lower keeps the
+    # chain tied to the image (from T−1 its states forget x: perf P3c, docs/method.md)
+    chain_start: int | None = None
     # Shipped cost defaults, measured in docs/performance.md (P3, P3b): the teacher scores an
     # eighth of the batch every 4th step and prunes to 3 classes after the 2 middle draws,
     # B/8·(2·C + 6·3)/4 ≈ 1.2·B forwards per step instead of B·K·C = 80·B; one image costs the
@@ -453,6 +456,7 @@ CHECKS: dict[type, dict[str, tuple[Any, str]]] = {
                "calibrate_every": (lambda v: v >= 0, "must be >= 0"),
                "calibrate_first": (lambda v: v >= 1, "must be >= 1"),
                "chain_steps": (lambda v: 1 <= v <= 1000, "must be in [1, 1000]"),
+               "chain_start": (lambda v: v is None or 0 <= v <= 999, "must be null or in [0, 999]"),
                "burn_in": (lambda v: v >= 0, "must be >= 0"),
                "thin": (lambda v: v >= 1, "must be >= 1"),
                "eta": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
@@ -535,6 +539,9 @@ def _cross_checks(cfg: SweepConfig, where: str) -> None:
     if mc.burn_in >= mc.chain_steps:
         raise ConfigError(f"{where}: method.mc.burn_in: {mc.burn_in} leaves no state of a "
                           f"{mc.chain_steps}-step chain (must be < chain_steps)")
+    if mc.chain_start is not None and mc.chain_start < mc.chain_steps - 1:
+        raise ConfigError(f"{where}: method.mc.chain_start: {mc.chain_start} is below chain_steps − 1 = "
+                          f"{mc.chain_steps - 1}: a {mc.chain_steps}-step chain needs distinct timesteps")
     if not cfg.method.use_ce and cfg.method.beta_kd == 0:
         raise ConfigError(f"{where}: method: use_ce is false and beta_kd is 0: no perception loss")
     _check_dense(cfg, where)

@@ -161,7 +161,7 @@ class Step:
         when given (so W ranks draw what one rank on the whole batch draws), else for x alone.
         ``forward``: genrep.posterior.mc_posterior with K draws (``k``, default mc.k), pruned when
         ``prune`` and mc.prune_k < K; ``reverse_chain``: genrep.reverse_chain_posterior with
-        mc.chain_steps, burn_in, thin, eta (its errors are on the Bayes scale by construction).
+        mc.chain_steps, burn_in, thin, eta, chain_start (its errors are on the Bayes scale by construction).
         """
         mc, shape = self.cfg.method.mc, tuple(x.shape[1:])
         total = x.shape[0] * (self.shard.world if rows is not None else 1)
@@ -170,7 +170,7 @@ class Step:
             noise = take(draw_chain_noise(mc.chain_steps, total, shape, g))
             return reverse_chain_posterior(eps_fn, x, self.num_classes, self.alphas_cumprod,
                                            steps=mc.chain_steps, burn_in=mc.burn_in, thin=mc.thin,
-                                           tau_mc=tau, eta=mc.eta, noise=noise,
+                                           tau_mc=tau, eta=mc.eta, noise=noise, start=mc.chain_start,
                                            chunk_size=mc.chunk_size, prior=self.prior)
         k = k or mc.k
 

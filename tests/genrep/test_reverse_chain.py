@@ -108,9 +108,27 @@ def test_timesteps_and_kept_indices():
     for steps, t_max in [(T, T), (200, 1000), (37, 1000)]:
         ts = chain_timesteps(steps, t_max)
         assert ts[0] == t_max - 1 and ts[-1] == 0 and (ts.diff() < 0).all()
+    # a chain started lower (method.mc.chain_start): from `start` down to 0, as evenly spaced
+    assert chain_timesteps(5, T, start=40).tolist() == [40, 30, 20, 10, 0]
+    assert chain_timesteps(41, T, start=40).tolist() == list(range(40, -1, -1))
+    assert chain_timesteps(3, T, start=None).tolist() == chain_timesteps(3, T).tolist() == [99, 50, 0]
+    for bad in (dict(steps=42, start=40), dict(steps=3, start=T), dict(steps=3, start=-1)):
+        with pytest.raises(ValueError, match="must be in"):
+            chain_timesteps(bad["steps"], T, start=bad["start"])
     assert kept_indices(10, 3, 2) == [3, 5, 7, 9]
     assert kept_indices(10, 3, 4) == [3, 7]
     assert kept_indices(200, 50, 2) == list(range(50, 200, 2))  # the paper's m = 50, k = 2: 75 states
+
+
+def test_a_chain_started_lower_sends_exactly_its_timesteps():
+    """start = 40: the chain's null-label forwards at 40, 30, 20 (it stops at its last kept state,
+    10) and the classes' at the kept states 30 and 10."""
+    spy, x0 = Spy(), images([0, 1])
+    res = run(spy, x0, steps=5, burn_in=1, thin=2, start=40, chunk_size=64)
+    expected = Counter({(t, C): 2 for t in (40, 30, 20)})
+    expected.update({(t, c): 2 for t in (30, 10) for c in range(C)})
+    assert Counter(spy.calls) == expected and res.evals == len(spy.calls)
+    assert res.pred.tolist() == [0, 1]  # still the template's class
 
 
 @pytest.mark.parametrize("burn_in, thin, kept_t, chain_t", [
@@ -251,7 +269,8 @@ def test_log_mean_exp_is_stable():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(steps=0), "steps"),
-    (dict(steps=T + 1, burn_in=0), r"steps must be in \[1, T"),
+    (dict(steps=T + 1, burn_in=0), r"steps must be in \[1, start\+1=100\]"),
+    (dict(steps=5, burn_in=0, start=T), r"start must be in \[0, T"),
     (dict(burn_in=10), "burn_in"),
     (dict(burn_in=-1), "burn_in"),
     (dict(thin=0), "thin"),

@@ -152,3 +152,21 @@ def test_reverse_chain_teacher_is_deterministic_and_calibrated(sweep):
     # n·(chain forwards + kept·C) for the n = round(subset·B) = 1 scored image: kept states 2
     # and 4, the chain run up to the last kept one (index 4)
     assert first["mc_evals"] == 1 * (4 + 2 * 10)
+
+
+def test_the_teacher_passes_chain_start_to_its_chain(sweep, monkeypatch):
+    """method.mc.chain_start reaches genrep.reverse_chain: the teacher's chain starts there."""
+    import genrep.reverse_chain as rc
+    from harness.config import apply_overrides
+
+    cfg, urls = sweep
+    seen = []
+    real = rc.chain_timesteps
+    monkeypatch.setattr(rc, "chain_timesteps", lambda *a: seen.append(a) or real(*a))
+    trial = apply_overrides(cfg.trial("sum", 0), {
+        "method.mc.estimator": "reverse_chain", "method.mc.chain_steps": 6, "method.mc.burn_in": 2,
+        "method.mc.thin": 2, "method.mc.chain_start": 300})
+    step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
+    prepare_teacher(step_fn, trial, urls, torch.device("cpu"))
+    train(step_fn, make_loader(urls["train"], trial.train.batch_size, seed=0), 0, 1)
+    assert seen and all(a[2] == 300 for a in seen)
