@@ -308,9 +308,12 @@ finally:
 @pytest.mark.slow
 def test_two_node_cluster_strict_spread_trial(tmp_path, tiny):
     """In a fresh process: Ray reads RAY_AUTH_MODE once per process, and the simulated nodes
-    (started from the test's process) and its client must agree on token auth."""
+    (started from the test's process) and its client must agree on token auth. The trial also
+    runs with a quarter of the labels (data.labelled_fraction): each rank's loader drops the
+    others' labels, the results carry the fraction and the labelled share of the batches."""
     raw = tiny(strategies=["sum"], resources={"workers": 2, "cpus_per_worker": 0.99,
-                                              "placement": "STRICT_SPREAD", "max_concurrent": 1})
+                                              "placement": "STRICT_SPREAD", "max_concurrent": 1},
+               data={"labelled_fraction": 0.25})
     path = tmp_path / "two_nodes.yaml"
     path.write_text(yaml.safe_dump(raw))
     run = subprocess.run([sys.executable, "-c", TWO_NODES, str(path), str(free_port()), str(free_port())],
@@ -322,3 +325,6 @@ def test_two_node_cluster_strict_spread_trial(tmp_path, tiny):
     assert {(r.split, r.step) for r in df[df.metric == "loss_gen"].itertuples()} == {("train", 2), ("train", 4)}
     assert df.loc[df.metric == "head_acc", "value"].notna().all()
     assert df.loc[df.metric == "head_acc", "cfg.resources.workers"].eq("2").all()
+    assert {json.loads(c)["data"]["labelled_fraction"] for c in df["config"]} == {0.25}
+    labelled = df.loc[(df.split == "train") & (df.metric == "labelled"), "value"]
+    assert len(labelled) and (labelled < 0.75).all()  # batches of 8: a quarter, never all

@@ -137,27 +137,5 @@ def test_a_step_on_a_quarter_of_the_labels(group, tmp_path, tiny_data_root, stra
         assert out["loss_kd"] > 0 and all(math.isfinite(float(v)) for v in out.values())
 
 
-@pytest.mark.slow
-def test_a_real_trial_with_a_quarter_of_the_labels(tmp_path, tiny_data_root):
-    """genrep-bench train's path (Ray Train, DeepSpeed): the trial runs and its results carry the
-    fraction in the config and the labelled share of the batches in the `labelled` rows."""
-    import json
-
-    import ray
-    import yaml
-
-    from harness.sweep import run_single
-
-    raw = tiny_sweep(tmp_path, tiny_data_root, data={"labelled_fraction": 0.25})
-    path = tmp_path / "scarce.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    try:
-        df = run_single(path, "genrep")
-    finally:
-        ray.shutdown()
-    assert (df["status"] == "ok").all()
-    assert {json.loads(c)["data"]["labelled_fraction"] for c in df["config"]} == {0.25}
-    labelled = df.loc[(df.split == "train") & (df.metric == "labelled"), "value"]
-    assert len(labelled) and (labelled < 0.75).all()  # batches of 8: a quarter, never all
-    held = df[df.split == "val"].set_index("metric")["value"]
-    assert 0 <= held["head_acc"] <= 1 and math.isfinite(held["heldout_loss"])
+# A real Ray Train trial with a quarter of the labels, over two simulated nodes:
+# tests/harness/test_cluster.py::test_two_node_cluster_strict_spread_trial.
