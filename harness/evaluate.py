@@ -254,29 +254,28 @@ def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: in
             sem_model, source = semantic
             sem_step = semantic_step_fn(gen_model, sem_model, source, alphas_cumprod.to(val_images.device))
         held, held_evals = heldout_metrics(gen_model, val_images, val_labels, alphas_cumprod, sem_model)
-        if scope == "perception":
-            out.update(held)
-            out["eval_network_evals"] = float(held_evals)
-            out["eval_seconds"] = time.perf_counter() - t0
-            return {k: float(v) for k, v in out.items()}
-        n_mc = val_images.shape[0] if mc_images == "all" else min(mc_images, val_images.shape[0])
-        # the zero-shot classifier keeps the base ε, as the training teacher does: Δε(x_t, x_sem)
-        # does not depend on the class, so it carries no class evidence; the posterior compares
-        # the classes' ε_θ(x_t, t, c) (and x_sem would be read off the very image being classified)
-        mc, mc_evals = mc_metrics(gen_model, val_images[:n_mc], val_labels[:n_mc], mc_k,
-                                  alphas_cumprod, seed, estimate)
-        choice_evals = 0
-        if guidance_scale == "auto":
-            if choice_images is None:
-                raise ValueError('guidance_scale "auto" needs choice_images (the val split)')
-            guidance_scale, _, choice_evals = choose_guidance(
-                gen_model, choice_images, ref_net, guidance_choices,
-                guidance_per_class or sample_per_class, ddim_steps, guidance_by, semantic=sem_step)
-        gen, gen_evals = sample_metrics(gen_model, val_images, ref_net, sample_per_class, ddim_steps,
-                                        guidance_scale, seed, grid_path, sem_step)
-    out.update(mc | held | gen)
-    out["guidance_scale"] = guidance_scale
-    out["eval_network_evals"] = float(mc_evals + held_evals + choice_evals + gen_evals)
+        out.update(held)
+        evals = held_evals
+        if scope == "all":  # "perception": an evaluation during training stops here
+            n_mc = val_images.shape[0] if mc_images == "all" else min(mc_images, val_images.shape[0])
+            # the zero-shot classifier keeps the base ε, as the training teacher does: Δε(x_t, x_sem)
+            # does not depend on the class, so it carries no class evidence; the posterior compares
+            # the classes' ε_θ(x_t, t, c) (and x_sem would be read off the image being classified)
+            mc, mc_evals = mc_metrics(gen_model, val_images[:n_mc], val_labels[:n_mc], mc_k,
+                                      alphas_cumprod, seed, estimate)
+            choice_evals = 0
+            if guidance_scale == "auto":
+                if choice_images is None:
+                    raise ValueError('guidance_scale "auto" needs choice_images (the val split)')
+                guidance_scale, _, choice_evals = choose_guidance(
+                    gen_model, choice_images, ref_net, guidance_choices,
+                    guidance_per_class or sample_per_class, ddim_steps, guidance_by, semantic=sem_step)
+            gen, gen_evals = sample_metrics(gen_model, val_images, ref_net, sample_per_class,
+                                            ddim_steps, guidance_scale, seed, grid_path, sem_step)
+            out.update(mc | gen)
+            out["guidance_scale"] = guidance_scale
+            evals += mc_evals + choice_evals + gen_evals
+    out["eval_network_evals"] = float(evals)
     out["eval_seconds"] = time.perf_counter() - t0
     return {k: float(v) for k, v in out.items()}
 

@@ -35,6 +35,7 @@ import yaml
 
 from harness import results
 from harness.config import ConfigError, SweepConfig, TrialConfig, load
+from harness.ports import free_port
 from harness.trial import arm_configs, prepare_data, resolve, run_trial, trial_name
 
 log = logging.getLogger("harness")
@@ -90,15 +91,6 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
                 os.environ.pop("RAY_GCS_SERVER_PORT", None)
             else:
                 os.environ["RAY_GCS_SERVER_PORT"] = saved
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (the OS's pick for a bind to port 0)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _gcs_addresses() -> list[str]:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+
+from harness.ports import free_port  # noqa: F401 (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -14,12 +15,6 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::Futu
 
 TINY_MODEL = {"image_size": 8, "block_out_channels": [8, 16], "norm_num_groups": 4,
               "head_hidden": 16}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_sweep(tmp_path: Path, data_root: Path | None = None, **sections) -> dict:

@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import resource
-import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from harness.config import McConfig, SweepConfig, TrialConfig, apply_overrides
+from harness.ports import free_port  # noqa: F401 (perf's spawners and tests use it from here)
 
 IDS = ("P1", "P2", "P2dp", "P3", "P3b", "P3c", "P4", "P5", "P6", "P7", "P8")
 
@@ -131,12 +131,6 @@ def synthetic_batch(cfg: TrialConfig, n: int | None = None):
 
 
 # ---------------------------------------------------------------- processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def process_group(rank: int = 0, world: int = 1, port: int | None = None):
     """A gloo group (1 process by default) for real DeepSpeed engines outside Ray; the

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.sweep import free_port, other_ray_note
+from harness.ports import free_port
+from harness.sweep import other_ray_note
 
 ROOT = Path(__file__).resolve().parents[2]
 
