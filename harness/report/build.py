@@ -35,7 +35,15 @@ MAX_TRIAL_ROWS = 50
 
 CONFLICT_NOTE = ("update_change = ‖u − u_ref‖/‖u_ref‖: how far the strategy moved the update from "
                  "the plain sum with the same task weights, on the same gradients (0: it did "
-                 "nothing); a strategy that does not act cannot be told apart from summing.")
+                 "nothing; _mean over logged rows, _max the mean over seeds of each run's largest "
+                 "logged value); a strategy that does not act cannot be told apart from summing. "
+                 "cos, conflict and norm_ratio are the whole shared vector's. seg_*: per parameter "
+                 "tensor, over the tensors both tasks reach (seg_shared: their share of all "
+                 "tensors), means over logged rows of each step's share of tensors in conflict "
+                 "(seg_conflict), 10th/50th/90th percentile of the per-tensor cos and median "
+                 "per-tensor ‖g_p‖/‖g_g‖: conflict hidden in the whole vector's near-zero cos "
+                 "shows here. Every arm that takes task gradients logs them, whatever its "
+                 "granularity.")
 TEACHER_NOTE = ("The zero-shot diffusion classifier's posterior, as the training teacher computes it "
                 "(same estimator, τ fitted on val images when mc.tau is auto), on the held-out "
                 "images: top-1 = mc_acc; NLL against log C (a uniform teacher) says whether it is "

@@ -121,5 +121,8 @@ def all_plots(df: pd.DataFrame, search: dict[str, pd.DataFrame]) -> dict[str, by
             **{f"curves_{m}.png": curve(df, m) for m in CURVES},
             "cos_hist.png": cos_hist(df),
             "damping.png": curve(df, "damping", "damping λ applied"),
+            "update_change.png": curve(df, "update_change", "‖u − u_sum‖ / ‖u_sum‖"),
+            "seg_conflict.png": curve(df, "seg_conflict", "share of tensors with cos < 0"),
+            "seg_cos.png": curve(df, "seg_cos_median", "median per-tensor cos(g_p, g_g)"),
             "search_landscape.png": search_landscape(search.get("trials", pd.DataFrame()))}
     return {name: png_bytes(f) for name, f in figs.items() if f is not None}

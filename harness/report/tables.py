@@ -213,27 +213,41 @@ def teacher_table(df: pd.DataFrame, baseline: str = "sum") -> pd.DataFrame:
     return table[table["kind"] == "quality"].reset_index(drop=True)
 
 
+# per-tensor telemetry (genrep.strategies.telemetry.summarize): each logged row is a window mean
+# of per-step values over the tensors both tasks reach
+SEGMENT = ("seg_conflict", "seg_cos_p10", "seg_cos_median", "seg_cos_p90", "seg_norm_ratio_median",
+           "seg_shared")
+
+
 def conflict_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per strategy, from the logged train rows: fraction of steps in conflict (mean of the 0/1
     ``conflict`` telemetry; a logged row is a window mean, so this is the step-weighted
     fraction for equal windows), mean and median cos(g_p, g_g), mean damping λ applied,
-    median ‖g_p‖/‖g_g‖, the number of logged rows, and of (sweep, seed) runs with telemetry."""
+    median ‖g_p‖/‖g_g‖, the update change (mean, and the mean over seeds of each run's largest
+    logged value), the per-tensor telemetry's means over logged rows (the share of tensors in
+    conflict, the 10th/50th/90th percentiles of the per-tensor cos, the median per-tensor norm
+    ratio, the share of tensors both tasks reach), the number of logged rows, and of (sweep,
+    seed) runs with telemetry."""
+    whole = ("conflict", "cos", "damping", "norm_ratio", "update_change")
     cols = ["strategy", "seeds", "logged", "conflict_frac", "cos_mean", "cos_median",
-            "damping_mean", "norm_ratio_median", "update_change_mean"]
+            "damping_mean", "norm_ratio_median", "update_change_mean", "update_change_max",
+            *SEGMENT]
     rows = ok_rows(df)
     rows = rows[rows["split"] == "train"] if len(rows) else rows
     out = []
     for s in strategies(rows):
         r = rows[rows["strategy"] == s]
-        v = {m: r.loc[r["metric"] == m, "value"]
-             for m in ("conflict", "cos", "damping", "norm_ratio", "update_change")}
-        if all(x.empty for x in v.values()):
+        v = {m: r.loc[r["metric"] == m, "value"] for m in (*whole, *SEGMENT)}
+        if all(v[m].empty for m in whole):
             continue
-        logged = r[r["metric"].isin(list(v))]
+        logged = r[r["metric"].isin(whole)]
+        change = r[r["metric"] == "update_change"].groupby(UNIT)["value"].max()
         out.append({"strategy": s, "seeds": logged[UNIT].drop_duplicates().shape[0],
-                    "logged": max(len(x) for x in v.values()),
+                    "logged": max(len(v[m]) for m in whole),
                     "conflict_frac": v["conflict"].mean(), "cos_mean": v["cos"].mean(),
                     "cos_median": v["cos"].median(), "damping_mean": v["damping"].mean(),
                     "norm_ratio_median": v["norm_ratio"].median(),
-                    "update_change_mean": v["update_change"].mean()})
+                    "update_change_mean": v["update_change"].mean(),
+                    "update_change_max": change.mean() if len(change) else float("nan"),
+                    **{m: v[m].mean() for m in SEGMENT}})
     return pd.DataFrame(out, columns=cols)

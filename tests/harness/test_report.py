@@ -7,6 +7,8 @@ Grid sweep: strategies sum, pcgrad, genrep × seeds 0, 1, 2 (+ one failed genrep
                 pcgrad [0.65, 0.80, 0.80]  mean 0.75
   val fd_ref    sum [10, 12, 14] (12), genrep [8, 9, 10] (9), pcgrad [7, 7, 7] (7, CI 0): lowest best
   train rows at steps 10 and 20: conflict genrep [1, 0] per seed → 0.5, pcgrad [1, 1] → 1, sum [0, 0]
+  update_change 0.01·(seed+1)·(j+1) at row j: mean 0.03, each run's max 0.02·(seed+1) → mean 0.04;
+  seg_conflict 0.1·(strategy index+1)·(j+1): genrep (index 2) [0.3, 0.6] → 0.45
   rss_mb [100, 200] per trial → peak 200; step_time = 0.1·(1 + strategy index).
 """
 from __future__ import annotations
@@ -53,7 +55,8 @@ def grid_rows():
             train = [{"step": st, "split": "train", "loss_perc": 2.0 - j - 0.1 * seed,
                       "loss_gen": 1.0 - 0.2 * j, "cos": COS[s][j], "conflict": CONFLICT[s][j],
                       "damping": 0.5 if s == "genrep" else 1.0, "step_time": 0.1 * (1 + i),
-                      "images_per_s": 64 / (0.1 * (1 + i)), "mc_evals": 8.0, "rss_mb": 100.0 * (j + 1)}
+                      "images_per_s": 64 / (0.1 * (1 + i)), "mc_evals": 8.0, "rss_mb": 100.0 * (j + 1),
+                      "update_change": 0.01 * (seed + 1) * (j + 1), "seg_conflict": 0.1 * (i + 1) * (j + 1)}
                      for j, st in enumerate((10, 20))]
             rows += trial_rows(s, seed, {"head_acc": HEAD[s][seed], "fd_ref": FD[s][seed]}, train)
     # a failed trial with wild partial rows: must not enter any statistic
@@ -216,6 +219,10 @@ def test_conflict_table(grid):
     assert c.loc["genrep", "cos_mean"] == pytest.approx(-0.1)
     assert c.loc["pcgrad", "cos_median"] == pytest.approx(-0.4)
     assert c.loc["genrep", "damping_mean"] == 0.5 and c.loc["genrep", "seeds"] == 3
+    assert c.loc["sum", "update_change_mean"] == pytest.approx(0.03)
+    assert c.loc["sum", "update_change_max"] == pytest.approx(0.04)
+    assert c.loc["genrep", "seg_conflict"] == pytest.approx(0.45)
+    assert math.isnan(c.loc["genrep", "seg_cos_median"])  # not logged: no value, no error
 
 
 def test_search_table(dirs):
@@ -282,7 +289,8 @@ def test_build_report_files(report):
     out, paths = report
     for name in ("report.md", "report.html", "main.csv", "conflict.csv", "search_trials.csv",
                  "search_pareto.csv", "acc_vs_fd.png", "curves_loss_perc.png",
-                 "curves_loss_gen.png", "cos_hist.png", "damping.png", "search_landscape.png"):
+                 "curves_loss_gen.png", "cos_hist.png", "damping.png", "search_landscape.png",
+                 "update_change.png", "seg_conflict.png"):
         assert paths[name] == out / name and paths[name].stat().st_size > 0, name
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
     md = paths["report.md"].read_text()
