@@ -170,14 +170,19 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Final held-out metrics and mean training cost per strategy (mean over seeds)."""
+    """Per strategy: the held-out metrics of each trial's last evaluation on the reporting split
+    (test when the results have it, else val; evaluations during training are left out), and the
+    mean training cost, each a mean over the strategy's trials (seeds)."""
     if df.empty:
         return pd.DataFrame()
     ok = df[df["status"] == "ok"]
-    held = ok[ok["split"] != "train"]
+    held = ok[ok["split"].isin(["val", "test"])]
+    held = held[held["split"] == ("test" if (held["split"] == "test").any() else "val")]
     wanted = list(held_out())
-    final = held[held["metric"].isin(wanted)].pivot_table(index="strategy", columns="metric",
-                                                           values="value", aggfunc="mean")
+    held = held[held["metric"].isin(wanted)]
+    last = held[held["step"] == held.groupby("trial")["step"].transform("max")]
+    final = (last.groupby(["strategy", "trial", "metric"])["value"].last()
+             .groupby(["strategy", "metric"]).mean().unstack("metric"))
     train = ok[ok["split"] == "train"]
     cost = train[train["metric"].isin(["step_time", "conflict", "cos"])].pivot_table(
         index="strategy", columns="metric", values="value", aggfunc="mean")

@@ -206,8 +206,9 @@ def load_checkpoint(path: Path, step_fn, loader, timed: Window) -> int:
 
 # ---------------------------------------------------------------- fault injection (tests only)
 # Hooks for the reliability tests (docs/reliability.md); inert unless the variable is set. Value:
-# "N" (every trial) or "N:strategy" (only that strategy's trials), N a 0-based step index or a
-# comma-separated list of them ("5,10": a kill before each, so a trial dies and resumes twice).
+# "N" (every trial) or "N:arm" (only the trials of that strategy or variant label), N a 0-based
+# step index or a comma-separated list of them ("5,10": a kill before each, so a trial dies and
+# resumes twice).
 FAULT_KILL = "GENREP_FAULT_KILL_AT_STEP"  # SIGKILL rank 0 before step N (or each of N,M,...), once each
 FAULT_NAN = "GENREP_FAULT_NAN_AT_STEP"  # feed an all-NaN batch at step N, on every attempt
 
@@ -216,8 +217,8 @@ def fault_steps(var: str, cfg: TrialConfig) -> set[int]:
     spec = os.environ.get(var, "")
     if not spec:
         return set()
-    steps, _, strategy = spec.partition(":")
-    return {int(s) for s in steps.split(",")} if strategy in ("", cfg.strategy.name) else set()
+    steps, _, arm = spec.partition(":")
+    return {int(s) for s in steps.split(",")} if arm in ("", cfg.strategy.name, cfg.variant) else set()
 
 
 def inject_faults(cfg: TrialConfig, step: int, x: torch.Tensor, rank: int) -> torch.Tensor:

@@ -155,22 +155,26 @@ def test_killed_worker_resumes_from_checkpoint_to_identical_metrics(tmp_path, ti
 
     One ``genrep`` trial in two stages with semantic-driven generation (issue 21), the richest
     state a trial has (engine, EMA teacher, calibrated tau, strategy state, loader position, the
-    semantic copy, the running means), killed twice: before step 5, in stage 1 (it resumes from the
-    step-4 checkpoint, before the switch at 6 makes the semantic copy), and before step 10, in
+    semantic copy, the running means), run twice side by side in one sweep and one of the two
+    killed twice: before step 5, in stage 1 (it resumes from the step-4 checkpoint, before the
+    switch at 6 makes the semantic copy), and before step 10, in
     stage 2 (from the step-8 checkpoint, which holds it); its held-out loss and samples read that
     copy (tests/harness/test_semantic_stages.py compares the weights). One-stage arms resume
     through the same code (in process: tests/harness/test_determinism.py).
     """
-    sections = dict(strategies=["genrep"], train={"steps": 12, "log_every": 2, "checkpoint_every": 4,
-                                                 "stage1_steps": 6},
+    sections = dict(strategies=["genrep"], variants={"killed": {"strategy": "genrep"}},
+                    train={"steps": 12, "log_every": 2, "checkpoint_every": 4, "stage1_steps": 6},
                     method={"semantic": {"enabled": True, "rep_align": 0.5, "ema_decay": 0.9}},
                     resources={"max_failures": 2}, data={"shuffle_buffer": 32})
-    clean = run_sweep_with(tmp_path, tiny, monkeypatch, "clean", {}, **sections)
-    killed = run_sweep_with(tmp_path, tiny, monkeypatch, "killed",
-                            {"GENREP_FAULT_KILL_AT_STEP": "5,10"}, **sections)
+    # one sweep, two arms of one configuration side by side: `genrep` undisturbed (the reference)
+    # and `killed`, the only one the hook kills (its label is the filter)
+    df = run_sweep_with(tmp_path, tiny, monkeypatch, "faults",
+                        {"GENREP_FAULT_KILL_AT_STEP": "5,10:killed"}, **sections)
+    clean, killed = df[df["strategy"] == "genrep"], df[df["strategy"] == "killed"]
 
-    markers = [m.name.rsplit("-step", 1)[1] for m in (tmp_path / "killed" / "ray").rglob("genrep-fault-kill-*")]
-    assert sorted(markers) == ["10", "5"], "the kill hook did not fire before each step"
+    markers = list((tmp_path / "faults" / "ray").rglob("genrep-fault-kill-*"))
+    assert sorted(m.name.rsplit("-step", 1)[1] for m in markers) == ["10", "5"], \
+        "the kill hook did not fire before each step of the killed arm (and only there)"
     # Tune keeps the dead attempt's reports; a restart from scratch would report step 2 again
     first = killed[(killed["metric"] == "loss_perc") & (killed["split"] == "train")]
     assert (first["step"] == 2).sum() == 1, first
@@ -179,7 +183,7 @@ def test_killed_worker_resumes_from_checkpoint_to_identical_metrics(tmp_path, ti
     assert stage[4] == 1 and stage[8] == 2 and "loss_vlb" in set(clean["metric"])
     # every value, the final mc_evals included: the run's running means (harness.worker's
     # `timed`) are checkpointed, so a resumed trial still averages stage 1's teacher-free steps
-    a, b = comparable(clean), comparable(killed)
+    a, b = comparable(clean), comparable(killed.assign(strategy="genrep"))
     assert (a.index.get_level_values("split") == "val").sum() > 10 and b.index.equals(a.index)
     pd.testing.assert_series_equal(a, b, rtol=0, atol=1e-6)  # held-out metrics and every report
     assert (a == b).all(), (a[a != b], b[a != b])  # and in fact bitwise

@@ -330,3 +330,19 @@ def test_report_html_renders_in_chromium(report, tmp_path):
     subprocess.run([str(CHROMIUM), *flags, f"--screenshot={shot}", "--window-size=1200,2400",
                     html.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20_000  # a page with figures, not a blank one
+
+
+def test_cli_summary_takes_each_trials_last_evaluation_on_the_reporting_split():
+    """The sweep's printed summary: not a mean over every evaluation (step 0's untrained network
+    included), and test over val when both are there. sum: seeds [0.8, 0.6] at the end (0.7),
+    0.1 at step 0 and 0.4 midway; val rows 0.99 are the choosing split's."""
+    rows = []
+    for seed, end in ((0, 0.8), (1, 0.6)):
+        history = [{"step": 0, "split": "test", "head_acc": 0.1}, {"step": 10, "split": "test", "head_acc": 0.4},
+                   {"step": 20, "split": "val", "head_acc": 0.99},
+                   {"step": 20, "split": "train", "step_time": 0.5}]
+        rows += trial_rows("sum", seed, None, history)
+        rows += trial_rows("sum", seed, None, [{"step": 20, "split": "test", "head_acc": end}])[-1:]
+    out = results.summary(results.frame(rows))
+    assert out.loc["sum", "head_acc"] == pytest.approx(0.7)
+    assert out.loc["sum", "step_time"] == pytest.approx(0.5) and out.loc["sum", "seeds"] == 2

@@ -1,12 +1,14 @@
 """Resume and failure semantics of a sweep, on the real stack, through the CLI in a subprocess.
 
 - A sweep whose driver is SIGKILLed (with its embedded Ray) after the first trial finished is
-  finished by ``--resume``: the finished trial is not run again, the other one runs, and every
+  finished by ``--resume``: the finished trial is not run again, the others run, and every
   (strategy, seed) ends with exactly one set of rows.
 - A trial that raises (a batch larger than its split) or whose loss turns non-finite (the NaN
   fault hook, GENREP_FAULT_NAN_AT_STEP) is attempted 1 + resources.max_failures times, then
   recorded as failed with its error and what it reported before; the sweep goes on, and the CLI
   exits non-zero naming it.
+
+Both in one sweep (one test): each Ray start-up and trial here costs seconds of a 2-core CI.
 """
 from __future__ import annotations
 
@@ -65,12 +67,21 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny):
-    raw = tiny(strategies=["sum", "genrep"], resources={"max_concurrent": 1})  # one trial at a time
+def test_killed_sweep_resumes_and_failing_trials_are_retried_then_recorded(tmp_path, tiny):
+    """One sweep, one trial at a time: `sum` finishes, then the driver and its Ray are SIGKILLed;
+    ``--resume`` keeps `sum` (its result is not rewritten) and runs the rest, where `broken` asks
+    for a batch larger than the training split (the worker raises every time) and `genrep` gets an
+    all-NaN batch at step 2 on every attempt (the fault hook): each is attempted 1 +
+    resources.max_failures times and recorded as failed with its error and what it reported
+    before; the sweep goes on and exits non-zero naming them."""
+    raw = tiny(strategies=["sum", "genrep"], resources={"max_concurrent": 1, "max_failures": 1},
+               variants={"broken": {"strategy": "sum", "overrides": {"train.batch_size": 4096}}},
+               grid={"method.beta_kd": [0.5]})
     path = write(tmp_path, raw)
+    env = {**os.environ, "GENREP_FAULT_NAN_AT_STEP": "2:genrep"}
     exp = Path(raw["output_dir"]) / "ray" / "tune"
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(command(path), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command(path), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # its own process group: the driver and its Ray
     try:
         first = wait_for(lambda: finished_in_state(exp), 600, proc, "a finished trial")
@@ -83,45 +94,33 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny):
     assert len(first) == 1, first
     assert not (Path(raw["output_dir"]) / "results.parquet").exists()  # it really was interrupted
     done_dir = next(d for d in exp.iterdir() if d.name.startswith(f"run_trial_{first[0]}"))
+    assert json.loads((done_dir / "params.json").read_text())["variant"] == "sum"  # trials in order
     done_results = (done_dir / "result.json").read_text()
 
-    again = subprocess.run(command(path, "--resume"), cwd=ROOT, text=True, capture_output=True,
-                           timeout=900)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-    assert (done_dir / "result.json").read_text() == done_results  # the finished trial did not run
-    df = results.read_results(raw["output_dir"])
-    assert (df["status"] == "ok").all()
-    assert df.groupby(["strategy", "seed"])["trial"].nunique().to_dict() == {("genrep", 0): 1, ("sum", 0): 1}
-    # exactly one set of rows: each (trial, step, split, metric) once, the final report included
-    assert not df.duplicated(["trial", "step", "split", "metric"]).any()
-    assert sorted(df.loc[df["split"] == "train", "step"].unique()) == [2, 4]
-    assert (df[df["metric"] == "head_acc"].groupby("strategy").size() == 1).all()
-    trials = pd.read_csv(Path(raw["output_dir"]) / "trials.csv")
-    assert list(trials["status"]) == ["ok", "ok"]
-
-
-def test_failing_trial_is_retried_then_recorded_and_the_sweep_goes_on(tmp_path, tiny):
-    """`broken` asks for a batch larger than the training split: the worker raises every time.
-    `genrep` gets an all-NaN batch at step 2 on every attempt (the fault hook)."""
-    raw = tiny(strategies=["sum", "genrep"], resources={"max_failures": 1},
-               variants={"broken": {"strategy": "sum", "overrides": {"train.batch_size": 4096}}},
-               grid={"method.beta_kd": [0.5]})
-    path = write(tmp_path, raw)
-    run = subprocess.run(command(path), cwd=ROOT, text=True, capture_output=True, timeout=900,
-                         env={**os.environ, "GENREP_FAULT_NAN_AT_STEP": "2:genrep"})
+    run = subprocess.run(command(path, "--resume"), cwd=ROOT, text=True, capture_output=True,
+                         timeout=900, env=env)
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-3000:]
+    assert (done_dir / "result.json").read_text() == done_results  # the finished trial did not run
     assert "FAILED trial broken-seed0-" in run.stderr and "FAILED trial genrep-seed0-" in run.stderr
     trials = pd.read_csv(Path(raw["output_dir"]) / "trials.csv").set_index("variant")
     assert trials.loc["sum", "status"] == "ok" and trials.loc["sum", "attempts"] == 1
     for failed in ("broken", "genrep"):
         assert trials.loc[failed, "status"] == "failed" and trials.loc[failed, "attempts"] == 2
     assert (trials["params"] == "method.beta_kd=0.5").all()
+
     df = results.read_results(raw["output_dir"])
+    assert df.groupby(["strategy", "seed"])["trial"].nunique().to_dict() == {
+        ("broken", 0): 1, ("genrep", 0): 1, ("sum", 0): 1}
+    # exactly one set of rows: each (trial, step, split, metric) once, the final report included
+    assert not df.duplicated(["trial", "step", "split", "metric"]).any()
+    ok = df[df["strategy"] == "sum"]
+    assert (ok["status"] == "ok").all() and set(ok["split"]) == {"train", "val"}
+    assert sorted(ok.loc[ok["split"] == "train", "step"].unique()) == [2, 4]
+    assert (ok["metric"] == "head_acc").sum() == 1
     bad = df[df["strategy"] == "broken"]
     assert set(bad["status"]) == {"failed"} and "no full batch" in bad["error"].iloc[0]
     assert json.loads(bad["config"].iloc[0])["strategy"]["name"] == "sum"  # label vs strategy run
     assert ((bad["split"] == "status") & (bad["metric"] == "failed")).sum() == 1
-    assert set(df.loc[df["strategy"] == "sum", "split"]) == {"train", "val"}
     nan = df[df["strategy"] == "genrep"]
     assert set(nan["status"]) == {"failed"}
     error = nan["error"].iloc[0]
