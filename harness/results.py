@@ -173,16 +173,15 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per strategy: the held-out metrics of each trial's last evaluation on the reporting split
     (test when the results have it, else val; evaluations during training are left out), and the
     mean training cost, each a mean over the strategy's trials (seeds)."""
+    from harness.report.tables import final_values, held_out_split  # the report's definitions
+
     if df.empty:
         return pd.DataFrame()
     ok = df[df["status"] == "ok"]
-    held = ok[ok["split"].isin(["val", "test"])]
-    held = held[held["split"] == ("test" if (held["split"] == "test").any() else "val")]
-    wanted = list(held_out())
-    held = held[held["metric"].isin(wanted)]
-    last = held[held["step"] == held.groupby("trial")["step"].transform("max")]
-    final = (last.groupby(["strategy", "trial", "metric"])["value"].last()
-             .groupby(["strategy", "metric"]).mean().unstack("metric"))
+    split, wanted = held_out_split(df), list(held_out())
+    one_sweep = df if "sweep" in df else df.assign(sweep="")  # the report's tables pair on (sweep, seed)
+    final = pd.DataFrame({m: final_values(one_sweep, m, split).groupby("strategy").mean()
+                          for m in wanted if (df["metric"] == m).any()})
     train = ok[ok["split"] == "train"]
     cost = train[train["metric"].isin(["step_time", "conflict", "cos"])].pivot_table(
         index="strategy", columns="metric", values="value", aggfunc="mean")
