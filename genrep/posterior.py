@@ -320,12 +320,3 @@ def mc_posterior(eps_fn: EpsFn, x0: torch.Tensor, num_classes: int, k: int,
     score = -errors / tau_mc + (log_p.to(errors) if log_p is not None else 0.0)
     pred = kept.gather(1, score.gather(1, kept).argmax(1, keepdim=True)).squeeze(1)
     return McResult(probs, errors, stderr, evals, pred, kept)
-
-
-def __getattr__(name: str):
-    """``reverse_chain_posterior`` lives in genrep.reverse_chain, which imports McResult from
-    here: re-exported on first access (PEP 562), so no import order is circular."""
-    if name == "reverse_chain_posterior":
-        from genrep.reverse_chain import reverse_chain_posterior
-        return reverse_chain_posterior
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,17 +26,18 @@ def _quiet(verbose: bool) -> None:
 
 def cmd_sweep(args) -> int:
     """Exit 0 when every trial finished; 1 when any failed or is unfinished (listed on stderr)."""
-    from harness import results
     from harness.config import load
+    from harness.report.tables import summary
     from harness.sweep import format_trials, read_trials, resolve_output, run_sweep
 
+    sweep = load(args.sweep_file)  # the file's only read: run_sweep gets the parsed sweep
     # resolved (or refused) before Ray starts; run_sweep resolves it the same way
-    out = resolve_output(load(args.sweep_file), args.storage, args.address).output_dir
-    df = run_sweep(args.sweep_file, resume=args.resume, overwrite=args.overwrite,
+    out = resolve_output(sweep.config, args.storage, args.address).output_dir
+    df = run_sweep(sweep, resume=args.resume, overwrite=args.overwrite,
                    address=args.address, verbose=args.verbose, storage=args.storage)
     trials = read_trials(out)
     print(format_trials(trials))
-    print_summary(results.summary(df))
+    print_summary(summary(df))
     failed = df.loc[df["status"] == "failed", "trial"].unique()
     for name in failed:
         print(f"FAILED trial {name}: {df.loc[df['trial'] == name, 'error'].iloc[0]}", file=sys.stderr)
@@ -49,19 +50,20 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from harness import results
+    from harness.config import load
+    from harness.report.tables import summary
     from harness.sweep import run_single
 
-    df = run_single(args.sweep_file, args.strategy, args.seed, address=args.address,
+    df = run_single(load(args.sweep_file).config, args.strategy, args.seed, address=args.address,
                     verbose=args.verbose, storage=args.storage)
-    print_summary(results.summary(df))
+    print_summary(summary(df))
     return 0 if (df["status"] == "ok").all() else 1
 
 
 def cmd_validate(args) -> int:
     from harness.config import load
 
-    cfg = load(args.sweep_file)
+    cfg = load(args.sweep_file).config
     if cfg.search:
         print(f"{args.sweep_file}: ok (search over {sorted(cfg.search.space)}, "
               f"strategy {cfg.strategies[0]!r}, seeds {list(cfg.seeds)})")
@@ -113,7 +115,7 @@ def cmd_perf(args) -> int:
     quick = dict(repeats=3, warmup=1, p3b_steps=100, p3b_images=64, p3b_seeds=1, p5_steps=20) if args.quick else {}
     given = {k: v for k, v in (("repeats", args.repeats), ("p3b_steps", args.p3b_steps),
                                 ("p5_steps", args.p5_steps)) if v is not None}
-    settings = Settings(sweep=load(args.sweep), ids=tuple(i for i in ids if i not in skip),
+    settings = Settings(sweep=load(args.sweep).config, ids=tuple(i for i in ids if i not in skip),
                         quick=args.quick, threads=args.threads, out=args.out, **{**quick, **given})
     rows, meta = run_perf(settings)
     if args.update:

@@ -137,7 +137,7 @@ def mc_metrics(model, images, labels, k: int, alphas_cumprod, seed: int,
     """Zero-shot diffusion-classifier top-1 (Li et al. 2023) with K shared draws, binomial stderr
     over the images, and the quality of its posterior as a teacher (NLL, ECE, mean max
     probability, entropy; top-1 is mc_acc). ``estimate(eps_fn, images, generator) -> (McResult,
-    τ)``: the training teacher's estimator and τ (harness.step.Step.eval_estimate); default the
+    τ)``: the training teacher's estimator and τ (harness.teacher.Teacher.eval_estimate); default the
     forward estimator at τ = 1 with B·K·C evaluations."""
     gen = torch.Generator(device=images.device).manual_seed(seed)
     tau = None

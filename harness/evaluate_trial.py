@@ -8,64 +8,45 @@ wait at a barrier: only rank 0's report reaches Ray Tune.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from genrep.metrics import binomial_stderr
 from harness.config import TrialConfig
-from harness.data import make_loader
+from harness.data import Dataset, load_masked_split, load_split, mask_options
 
 
-def load_split(urls, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image and label of a split, in shard order (no shuffling)."""
-    loader = make_loader(urls, 256, shuffle_buffer=0, drop_last=False, shuffle_shards=False,
-                         image_channels=channels)
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys)
-
-
-def load_masked_split(urls, mask_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every image, label and class mask of a split, in shard order (no shuffling)."""
-    loader = make_loader(urls, 256, shuffle_buffer=0, drop_last=False, shuffle_shards=False,
-                         masks=True, mask_classes=mask_classes)
-    xs, ys, ms = zip(*loader)
-    return torch.cat(xs), torch.cat(ys), torch.cat(ms)
-
-
-def evaluate_trial(step_fn, cfg: TrialConfig, urls: dict[str, Any], shard, device,
-                   step: int | None = None) -> dict[str, float]:
-    """Held-out metrics; the sample grid goes to ``samples.png`` at the end of the trial and to
-    ``samples-step000100.png`` and so on for the evaluations during training (``step``)."""
+def evaluate_trial(step_fn, cfg: TrialConfig, dataset: Dataset, shard, device,
+                   step: int | None = None, trial_dir: str | None = None) -> dict[str, float]:
+    """Held-out metrics; the sample grid goes to ``trial_dir/samples.png`` at the end of the trial
+    and to ``samples-step000100.png`` and so on for the evaluations during training (``step``)."""
     from harness.evaluate import evaluate, reference_classifier
-    from harness.worker import mask_options
 
     out: dict[str, float] = {}
     if shard.rank == 0:
-        e, dense = cfg.eval, mask_options(cfg, urls)
+        e, dense = cfg.eval, mask_options(cfg, dataset)
         val_m = None
         if dense:
-            val_x, val_y, val_m = load_masked_split(urls[e.split], dense["mask_classes"])
+            val_x, val_y, val_m = load_masked_split(dataset.urls(e.split), dense["mask_classes"])
             val_m = val_m.to(device)
         else:
-            val_x, val_y = load_split(urls[e.split])
-        train_x, train_y = load_split(urls["train"])
+            val_x, val_y = load_split(dataset.urls(e.split))
+        train_x, train_y = load_split(dataset.train)
         # the val split: the reference classifier's own accuracy (ref_val_acc, whichever split
         # reports: the cache keeps the first value) and the images a guidance "auto" is chosen on
-        choose_x, choose_y = (val_x, val_y) if e.split == "val" else load_split(urls["val"])
-        ref, info = reference_classifier(Path(urls["cache"]) / "reference", urls["key"],
+        choose_x, choose_y = (val_x, val_y) if e.split == "val" else load_split(dataset.val)
+        ref, info = reference_classifier(Path(dataset.cache) / "reference", dataset.key,
                                          train_x, train_y, choose_x, choose_y, seed=0)
         nets = step_fn.networks()
         perc = nets.get("joint", nets.get("perception")).model
         gen = nets.get("joint", nets.get("generation")).model
         name = "samples.png" if step is None else f"samples-step{step:06d}.png"
-        grid = Path(urls["trial_dir"]) / name if urls.get("trial_dir") else None
+        grid = Path(trial_dir) / name if trial_dir else None
         out = evaluate(perc, gen, val_x.to(device), val_y.to(device), ref, mc_k=e.mc_k,
                        mc_images=e.mc_images, sample_per_class=e.samples_per_class,
                        ddim_steps=e.ddim_steps, guidance_scale=e.guidance_scale, seed=0,
                        alphas_cumprod=step_fn.alphas_cumprod, grid_path=grid,
-                       estimate=step_fn.eval_estimate(e.mc_k, step), val_masks=val_m,
+                       estimate=step_fn.teacher.eval_estimate(e.mc_k, step), val_masks=val_m,
                        semantic=step_fn.semantic_eval(step), guidance_choices=e.guidance_choices,
                        guidance_by=e.guidance_by, guidance_per_class=e.guidance_samples_per_class,
                        choice_images=choose_x.to(device),

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from harness import atomic
-from harness.metrics import METRICS, direction, held_out, stderr_of
+from harness.metrics import METRICS, direction, stderr_of
 
 KEYS = ("trial", "strategy", "seed", "step", "split")
 COLUMNS = (*KEYS, "metric", "value", "stderr", "higher_is_better", "status", "error",
@@ -167,25 +167,3 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise ResultsError(f"{path}: not a genrep-bench results table; missing columns {missing}")
     return df
-
-
-def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per strategy: the held-out metrics of each trial's last evaluation on the reporting split
-    (test when the results have it, else val; evaluations during training are left out), and the
-    mean training cost, each a mean over the strategy's trials (seeds)."""
-    from harness.report.tables import final_values, held_out_split  # the report's definitions
-
-    if df.empty:
-        return pd.DataFrame()
-    ok = df[df["status"] == "ok"]
-    split, wanted = held_out_split(df), list(held_out())
-    one_sweep = df if "sweep" in df else df.assign(sweep="")  # the report's tables pair on (sweep, seed)
-    final = pd.DataFrame({m: final_values(one_sweep, m, split).groupby("strategy").mean()
-                          for m in wanted if (df["metric"] == m).any()})
-    train = ok[ok["split"] == "train"]
-    cost = train[train["metric"].isin(["step_time", "conflict", "cos"])].pivot_table(
-        index="strategy", columns="metric", values="value", aggfunc="mean")
-    seeds = df.groupby("strategy")["seed"].nunique().rename("seeds")
-    status = df.groupby("strategy")["status"].agg(lambda s: ",".join(sorted(set(s)))).rename("status")
-    out = pd.concat([seeds, status, final, cost], axis=1)
-    return out[[c for c in ["seeds", "status", *wanted, "step_time", "cos", "conflict"] if c in out]]

@@ -21,8 +21,6 @@ from genrep.diffusion import draw_denoising, make_scheduler
 from genrep.dense import segmentation_loss
 from genrep.losses import generation_loss, multitask_perception_loss, perception_loss
 from genrep.model import GenRepModel, build_model
-from genrep.posterior import McResult, draw_mc, fit_temperature, mc_posterior
-from genrep.reverse_chain import draw_chain_noise, reverse_chain_posterior
 from genrep.semantic import semantic_generation_loss
 from genrep.registry import Registry
 from genrep.strategies.telemetry import summarize
@@ -31,6 +29,7 @@ from harness import parallel
 from harness.config import TrialConfig
 from harness.modes import check_options, mode_of
 from harness.parallel import Shard, step_generator  # noqa: F401  (re-exported for callers)
+from harness.teacher import Teacher
 
 
 class NonFiniteLoss(RuntimeError):
@@ -99,100 +98,35 @@ class Network:
 
 
 class Step:
-    """Shared machinery of both modes: draws, teacher, losses (genrep's, on this rank's rows)."""
+    """Shared machinery of both modes: draws, the teacher, losses (genrep's, on this rank's rows).
 
-    def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device):
+    ``calibration`` and ``prior`` are the teacher's inputs (harness.teacher.teacher_inputs reads
+    them from the dataset); the strategy's options are resolved once, here, not on every step.
+    """
+
+    def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device,
+                 calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 prior: torch.Tensor | None = None):
         self.cfg, self.shard, self.device = cfg, shard, device
         self.alphas_cumprod = make_scheduler().alphas_cumprod.to(device)
         self.num_classes = cfg.model_config().num_classes
-        tau = cfg.method.mc.tau
-        self.tau: float | None = None if tau == "auto" else float(tau)  # the teacher's τ_mc
-        self.tau_step = -1  # the step τ was last fitted at ("auto")
-        self.calibration: tuple[torch.Tensor, torch.Tensor] | None = None  # labelled val images
-        self.prior: torch.Tensor | None = None  # class frequencies (mc.prior: train), else uniform
+        self.teacher = Teacher(cfg, shard, device, self.alphas_cumprod, self.num_classes,
+                               calibration=calibration, prior=prior)
+        self.options = check_options(cfg.strategy.name, cfg.strategy.options)  # defaults filled in
+        self.task_weights: tuple[float, float] = self.options["task_weights"]
 
     def state_dict(self) -> dict[str, Any]:
         """The step's own running state, for checkpoints (a resumed run must refit nothing)."""
-        return {"strategy_state": getattr(self, "state", None), "tau": self.tau, "tau_step": self.tau_step}
+        return {"strategy_state": getattr(self, "state", None), **self.teacher.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if hasattr(self, "state"):
             self.state = state["strategy_state"]
-        self.tau, self.tau_step = state.get("tau", self.tau), state.get("tau_step", self.tau_step)
+        self.teacher.load_state_dict(state)
 
     def semantic_eval(self, step: int | None):
         """(semantic network, x_sem source) for evaluation with semantic-driven generation, or None."""
         return None
-
-    def mc_options(self) -> dict[str, Any]:
-        """The teacher's estimator settings shared by training, calibration and evaluation."""
-        mc = self.cfg.method.mc
-        return dict(chunk_size=mc.chunk_size, scale=mc.scale, weight=mc.weight, prior=self.prior)
-
-    def teacher_tau(self, teacher: GenRepModel, step: int) -> float:
-        """τ_mc in use at ``step``: the configured number, or ("auto") the temperature that
-        minimises the teacher's NLL on the calibration images (temperature scaling, Guo et al.
-        2017), refitted when :func:`next_fit` says (gaps doubling from calibrate_first).
-
-        Every rank fits on the same images with the same draws, so every rank gets the same τ
-        (the W-worker run stays the 1-worker run); cost: n·K·C forwards per fit."""
-        mc = self.cfg.method.mc
-        if mc.tau != "auto":
-            return float(mc.tau)
-        due = self.tau is None or (mc.calibrate_every and step >= next_fit(self.tau_step, mc))
-        if due:
-            self.tau, self.tau_step = self.fit_tau(teacher.eps, mc.k, step), step
-        return self.tau
-
-    def fit_tau(self, eps_fn, k: int, step: int) -> float:
-        """argmin_τ NLL of softmax(−e/τ + log prior) on the calibration images, e from K draws."""
-        if self.calibration is None:
-            raise RuntimeError("method.mc.tau: auto needs calibration images (Step.calibration; "
-                               "harness.worker.prepare_teacher sets them)")
-        x, y = self.calibration
-        res = self.estimate(eps_fn, x, 1.0, step_generator(self.cfg.seed, step, "calibrate"), k=k)
-        return fit_temperature(-res.errors, y, prior=self.prior)
-
-    def estimate(self, eps_fn, x, tau: float, g: torch.Generator, rows: slice | None = None,
-                 k: int | None = None, prune: bool = False) -> McResult:
-        """The teacher's estimator (``mc.estimator``) on images x at temperature τ.
-
-        Its randomness comes from ``g``: drawn for W·n images and sliced to this rank's ``rows``
-        when given (so W ranks draw what one rank on the whole batch draws), else for x alone.
-        ``forward``: genrep.posterior.mc_posterior with K draws (``k``, default mc.k), pruned when
-        ``prune`` and mc.prune_k < K; ``reverse_chain``: genrep.reverse_chain_posterior with
-        mc.chain_steps, burn_in, thin, eta, chain_start (its errors are on the Bayes scale by construction).
-        """
-        mc, shape = self.cfg.method.mc, tuple(x.shape[1:])
-        total = x.shape[0] * (self.shard.world if rows is not None else 1)
-        take = (lambda v: v[rows].to(self.device)) if rows is not None else (lambda v: v.to(self.device))
-        if mc.estimator == "reverse_chain":
-            noise = take(draw_chain_noise(mc.chain_steps, total, shape, g))
-            return reverse_chain_posterior(eps_fn, x, self.num_classes, self.alphas_cumprod,
-                                           steps=mc.chain_steps, burn_in=mc.burn_in, thin=mc.thin,
-                                           tau_mc=tau, eta=mc.eta, noise=noise, start=mc.chain_start,
-                                           chunk_size=mc.chunk_size, prior=self.prior)
-        k = k or mc.k
-
-        def draw(n: int):
-            t, eps = draw_mc(n, total, shape, len(self.alphas_cumprod), g)
-            return take(t), take(eps)
-
-        prune = prune and mc.prune_keep is not None and mc.prune_k < k
-        return mc_posterior(eps_fn, x, self.num_classes, k, self.alphas_cumprod, tau_mc=tau,
-                            draw=draw, prune_k=mc.prune_k if prune else None,
-                            prune_keep=mc.prune_keep if prune else None, **self.mc_options())
-
-    def eval_estimate(self, k: int, step: int | None):
-        """``estimate(eps_fn, images, generator) -> (McResult, τ)`` for a held-out evaluation of a
-        zero-shot classifier: the teacher's estimator with K = ``k`` and τ fitted afresh for that
-        network and K ("auto"), else the configured τ."""
-        mc = self.cfg.method.mc
-
-        def estimate(eps_fn, images, generator):
-            tau = self.fit_tau(eps_fn, k, -1 if step is None else step) if mc.tau == "auto" else float(mc.tau)
-            return self.estimate(eps_fn, images, tau, generator, k=k), tau
-        return estimate
 
     def generation_loss(self, model: GenRepModel, x, y, step: int, x_sem: torch.Tensor | None = None):
         """genrep's L_gen on this rank's rows of draws made for the global batch; given the
@@ -207,27 +141,6 @@ class Step:
         return semantic_generation_loss(model, x, y, draws, self.alphas_cumprod, model.null_class, x_sem,
                                         vlb_weight=sem.vlb_weight, rep_weight=sem.rep_align,
                                         modulate=sem.enabled)
-
-    def teacher_probs(self, teacher: GenRepModel, x, step: int):
-        """q(c|x) [n, C] for the first n = ⌈subset·B⌉ images every ``mc.every`` steps, else [0, C].
-
-        The draws (t, ε) of every round come from the global-batch generator and each rank takes
-        its rows, so a W-worker run draws what a 1-worker run draws, with or without pruning.
-        Pruning applies when prune_k < k (no draws are left for a second round otherwise).
-        With subset < 1 each rank scores the first images of its own slice, so W workers and
-        1 worker score different images: the W = 1 equivalence holds for subset = 1.
-        """
-        mc, m = self.cfg.method.mc, self.cfg.method
-        if m.beta_kd == 0 or step % mc.every:
-            return x.new_zeros(0, self.num_classes), {"mc_evals": 0.0}
-        n = max(1, round(mc.subset * x.shape[0]))
-        rows = slice(self.shard.rank * n, (self.shard.rank + 1) * n)
-        tau = self.teacher_tau(teacher, step)
-        res = self.estimate(teacher.eps, x[:n], tau, step_generator(self.cfg.seed, step, "mc"),
-                            rows=rows, prune=True)
-        finite = res.stderr[torch.isfinite(res.stderr)]
-        return res.probs, {"mc_evals": float(res.evals), "teacher_tau": float(tau),
-                           "mc_stderr": float(finite.mean()) if finite.numel() else 0.0}
 
     def perception_loss(self, model: GenRepModel, x, y, q, masks=None):
         """genrep's L_perc = Σ_k w_k·L_k over ``method.perception.tasks``: classify, L_ce + β·τ²·(1/B)
@@ -248,19 +161,13 @@ class Step:
                                                  "segment": p.weights.segment})
 
 
-def next_fit(last: int, mc) -> int:
-    """The step at which τ is refitted after a fit at ``last``: last + min(every, max(first, last)),
-    so fits land at 0, first, 2·first, 4·first, … until the gap reaches calibrate_every."""
-    return last + min(mc.calibrate_every, max(mc.calibrate_first, last))
-
-
 MODES: Registry[type] = Registry("training mode")
 
 
 @MODES.register("joint")
 class JointStep(Step):
-    def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device):
-        super().__init__(cfg, shard, device)
+    def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device, **teacher):
+        super().__init__(cfg, shard, device, **teacher)
         self.net = Network(cfg, shard.world, cfg.seed, device)
         self.strategy = strategies.get(cfg.strategy.name)
         model = self.net.model
@@ -295,14 +202,14 @@ class JointStep(Step):
         if step < self.cfg.train.stage1_steps:
             return self.perception_step(x, y, step, masks)
         model, engine = self.net.model, self.net.engine
-        q, mq = self.teacher_probs(self.net.teacher(), x, step)
+        q, mq = self.teacher.probs(self.net.teacher(), x, step)
         loss_p, mp = self.perception_loss(model, x, y, q, masks)
         loss_g, mg = self.generation_loss(model, x, y, step, self.net.semantic_features(x))
         check_finite(step, loss_perc=loss_p, loss_gen=loss_g)
         if self.strategy.needs_task_grads:
             tel = self.aligned_backward(loss_p, loss_g)
         else:
-            w_p, w_g = self.strategy.loss_weights(**self.cfg.strategy.options)
+            w_p, w_g = self.task_weights
             parallel.backward(engine, w_p * loss_p + w_g * loss_g)
             tel = {}
         parallel.optimizer_step(engine)
@@ -353,10 +260,9 @@ class JointStep(Step):
         local = self.task_grads(g_p[:n], g_g)
         whole, per_tensor = parallel.global_grams(local, self.tensors)
         gram = per_tensor if self.segments is not None else whole
-        w, tel = strategies.weights(self.strategy.name, gram, state=self.state,
-                                    **self.cfg.strategy.options)
+        w, tel = self.strategy.resolved_weights(gram, self.state, self.options)
         self.state = tel.pop("state", self.state)
-        task_weights = self.strategy.loss_weights(**self.cfg.strategy.options)
+        task_weights = self.task_weights
         # per-tensor telemetry for every granularity: a whole-vector rule's weights apply to every
         # tensor, so update_change over the per-tensor Grams is the whole vector's (Σ_s G_s = G)
         summary = summarize(per_tensor, w.reshape(-1, 2).expand(per_tensor.shape[0], 2), tel, task_weights)
@@ -378,11 +284,11 @@ class SeparateStep(Step):
     weight decay's relative size change). They are applied all the same, for a like-for-like arm.
     """
 
-    def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device):
-        if cfg.method.semantic.on or cfg.train.stage1_steps:  # config.py refuses it at load time
+    def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device, **teacher):
+        if cfg.method.semantic.on or cfg.train.stage1_steps:  # harness.config refuses it at load time
             raise ValueError("method.semantic and train.stage1_steps need one unified network; "
                              "separate trains two that share nothing")
-        super().__init__(cfg, shard, device)
+        super().__init__(cfg, shard, device, **teacher)
         self.perc = Network(cfg, shard.world, cfg.seed, device)
         self.gen = Network(cfg, shard.world, cfg.seed + 10_000, device)
 
@@ -390,11 +296,11 @@ class SeparateStep(Step):
         return {"perception": self.perc, "generation": self.gen}
 
     def __call__(self, x, y, step: int, masks=None) -> dict[str, Any]:
-        q, mq = self.teacher_probs(self.gen.teacher(), x, step)
+        q, mq = self.teacher.probs(self.gen.teacher(), x, step)
         loss_p, mp = self.perception_loss(self.perc.model, x, y, q, masks)
         loss_g, mg = self.generation_loss(self.gen.model, x, y, step)
         check_finite(step, loss_perc=loss_p, loss_gen=loss_g)
-        w_p, w_g = check_options(self.cfg.strategy.name, self.cfg.strategy.options)["task_weights"]
+        w_p, w_g = self.task_weights
         for net, loss in ((self.perc, w_p * loss_p), (self.gen, w_g * loss_g)):
             parallel.backward(net.engine, loss)
             parallel.optimizer_step(net.engine)
@@ -402,5 +308,9 @@ class SeparateStep(Step):
         return {**mq, **mp, **mg}
 
 
-def make_step(cfg: TrialConfig, shard: Shard, device: torch.device) -> Step:
-    return MODES.get(mode_of(cfg.strategy.name))(cfg, shard, device)
+def make_step(cfg: TrialConfig, shard: Shard, device: torch.device,
+              calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+              prior: torch.Tensor | None = None) -> Step:
+    """The trial's step in its training mode, with the teacher's inputs
+    (harness.teacher.teacher_inputs: calibration images for ``mc.tau: auto``, the class prior)."""
+    return MODES.get(mode_of(cfg.strategy.name))(cfg, shard, device, calibration=calibration, prior=prior)

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from harness import results
-from harness.config import ConfigError, SweepConfig, TrialConfig, load
+from harness.config import ConfigError, Loaded, SweepConfig, TrialConfig
 from harness.ports import free_port
-from harness.trial import arm_configs, prepare_data, resolve, run_trial, trial_name
+from harness.data import resolve_dataset
+from harness.trial import arm_configs, resolve, run_trial, trial_name
 
 log = logging.getLogger("harness")
 EXPERIMENT = "tune"
@@ -166,11 +166,6 @@ def experiment_dir(cfg: SweepConfig) -> Path:
     return Path(cfg.output_dir).resolve() / "ray" / EXPERIMENT
 
 
-def raw_config(path: str | Path) -> dict[str, Any]:
-    """The sweep file as parsed YAML: only the resume guard's snapshot reads it (check_same_sweep)."""
-    return yaml.safe_load(Path(path).read_text()) or {}
-
-
 # ---------------------------------------------------------------- the Tuner
 def param_space(cfg: SweepConfig) -> dict[str, Any]:
     """Tune's params per trial: ``variant`` (a strategy or a named variant), ``seed`` and the
@@ -230,10 +225,10 @@ def trial_log():
 def make_tuner(cfg: SweepConfig, resume: bool):
     from ray import tune
 
-    urls = prepare_data(cfg)
+    data = resolve_dataset(cfg).plain()  # plain: the Tune trainable only passes it on
     storage = str(Path(cfg.output_dir).resolve() / "ray")
     # validated here, once: each trial gets its arm's resolved config, never the sweep file
-    fn = tune.with_parameters(run_trial, arms=arm_configs(cfg), urls=urls, storage=storage)
+    fn = tune.with_parameters(run_trial, arms=arm_configs(cfg), data=data, storage=storage)
     trainable = tune.with_resources(fn, {"cpu": 0.01})  # the driver only waits on its trainer
     if cfg.search:
         # train rows carry acc (ASHA's metric), the final row the held-out objectives: no row has
@@ -365,20 +360,21 @@ def format_trials(table: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------- entry points
-def check_fresh(cfg: SweepConfig, path, resume: bool, overwrite: bool) -> None:
+def check_fresh(cfg: SweepConfig, resume: bool, overwrite: bool) -> None:
     """Refuse to run over an earlier sweep (or its Ray Train runs) unless asked to."""
     exp = experiment_dir(cfg)
     earlier = exp.exists() or any(exp.parent.glob("train-*"))
     if earlier and not (resume or overwrite):
-        raise ConfigError(f"{path}: output_dir: {exp} already holds a sweep; pass --resume to "
-                          "finish it or --overwrite to start again")
+        raise ConfigError(f"{cfg.source_file}: output_dir: {exp} already holds a sweep; pass "
+                          "--resume to finish it or --overwrite to start again")
     if overwrite and exp.parent.exists():
         shutil.rmtree(exp.parent)
 
 
 def check_same_sweep(cfg: SweepConfig, raw: dict[str, Any], resume: bool) -> None:
     """A resumed sweep must run the file it started with: Tune restores its own copy of the
-    trial list, while the trials would read the edited file."""
+    trial list, while the trials would read the edited file. ``raw``: the file's mapping as
+    :func:`harness.config.load` parsed it."""
     snap = experiment_dir(cfg).parent / "sweep.json"
     text = json.dumps(raw, sort_keys=True, default=str)
     if resume and snap.exists() and snap.read_text() != text:
@@ -388,14 +384,14 @@ def check_same_sweep(cfg: SweepConfig, raw: dict[str, Any], resume: bool) -> Non
     snap.write_text(text)
 
 
-def run_sweep(path: str | Path, resume: bool = False, overwrite: bool = False,
+def run_sweep(sweep: Loaded, resume: bool = False, overwrite: bool = False,
               address: str | None = None, verbose: bool = False,
               storage: str | None = None) -> pd.DataFrame:
-    cfg = resolve_output(load(path), storage, address)
+    """Every trial of ``sweep`` (``harness.config.load(path)``: the file is not read again)."""
+    cfg = resolve_output(sweep.config, storage, address)
     log.warning("sweep %s: results in %s", cfg.name, cfg.output_dir)  # the log's first line
-    raw = raw_config(path)
-    check_fresh(cfg, path, resume, overwrite)
-    check_same_sweep(cfg, raw, resume)
+    check_fresh(cfg, resume, overwrite)
+    check_same_sweep(cfg, sweep.raw, resume)
     init_ray(address, verbose)
     start = time.perf_counter()
     grid = make_tuner(cfg, resume).fit()
@@ -407,7 +403,7 @@ def run_sweep(path: str | Path, resume: bool = False, overwrite: bool = False,
     return df
 
 
-def run_single(path: str | Path, strategy: str, seed: int | None = None,
+def run_single(sweep: SweepConfig, strategy: str, seed: int | None = None,
                address: str | None = None, verbose: bool = False,
                storage: str | None = None) -> pd.DataFrame:
     """One trial through Ray Train, without Tune (``genrep-bench train``), for debugging.
@@ -416,14 +412,14 @@ def run_single(path: str | Path, strategy: str, seed: int | None = None,
 
     from harness.modes import known_strategies
 
-    cfg = resolve_output(load(path), storage, address)
+    cfg = resolve_output(sweep, storage, address)
     if strategy not in (*cfg.labels(), *known_strategies()):
-        raise ConfigError(f"{path}: --strategy: unknown {strategy!r}; known: "
+        raise ConfigError(f"{cfg.source_file}: --strategy: unknown {strategy!r}; known: "
                           f"{sorted(known_strategies())} and the sweep's variants {list(cfg.variants)}")
     trial = cfg.arm(strategy, cfg.seeds[0] if seed is None else seed)
     init_ray(address, verbose)
     storage = str(Path(cfg.output_dir).resolve() / "ray")
-    res = fit(trial, prepare_data(cfg), storage, f"single-{trial_name(trial)}", in_tune=False)
+    res = fit(trial, resolve_dataset(cfg).plain(), storage, f"single-{trial_name(trial)}", in_tune=False)
     fields = results.trial_fields(trial.to_dict(), trial_name(trial), trial.hash(),
                                   "failed" if res.error else "ok", results.error_text(res.error),
                                   results.git_sha(), results.versions())

@@ -14,8 +14,6 @@ the sweep's validation.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import SweepConfig, TrialConfig, apply_overrides, trial_from_dict
+
 
 # This module stays free of torch, DeepSpeed, diffusers and webdataset at import time: the Tune
 # trainable (run_trial) and the Train controller (which unpickles train_loop) import it in their
@@ -38,72 +37,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from harness.worker import train_loop as run
 
     return run(config)
-
-
-def data_root(sweep: SweepConfig) -> Path:
-    """Where packed shards are cached: ``data.root`` or ``<output_dir>/../_data``."""
-    root = sweep.data.root or str(Path(sweep.output_dir).parent / "_data")
-    return Path(root).expanduser().resolve()
-
-
-SPLITS = ("train", "val", "test")
-
-
-def url_patterns(urls: str | dict[str, str]) -> dict[str, str]:
-    """Shard URL patterns per split from ``data.urls``: one pattern in which only ``{split}`` is
-    replaced (``str.format`` would choke on brace ranges like ``{00000..00049}``), or a mapping
-    split -> pattern when the splits have different shard counts."""
-    if isinstance(urls, dict):
-        return {s: urls[s] for s in SPLITS}
-    return {s: urls.replace("{split}", s) for s in SPLITS}
-
-
-def urls_key(urls: str | dict[str, str]) -> str:
-    """A stable name for a URL-addressed dataset (the reference classifier's cache key)."""
-    blob = json.dumps(urls, sort_keys=True).encode()
-    return f"urls-{hashlib.sha256(blob).hexdigest()[:12]}"
-
-
-def prepare_data(sweep: SweepConfig) -> dict[str, Any]:
-    """Pack the dataset on first use (driver side) and return the shard URLs per split."""
-    from harness.data import ensure_packed, load_manifest, shard_urls
-
-    d = sweep.data
-    if d.urls:  # no manifest: the worker bounds mask values by its model's seg classes
-        return url_patterns(d.urls) | {"cache": str(data_root(sweep)), "key": urls_key(d.urls)}
-    params = dict(shard_size=d.shard_size, image_size=d.image_size, split=d.split, seed=0)
-    if d.count is not None:
-        params["count"] = d.count
-    if d.shapes_per_image is not None:  # part of ensure_packed's cache key
-        params["source_options"] = {"shapes_per_image": d.shapes_per_image}
-    manifest_path = ensure_packed(d.source, data_root(sweep), **params)
-    manifest = load_manifest(manifest_path)
-    # the reference classifier's cache key: the manifest's checksum (it lists every shard's
-    # sha256), so different data can never reuse a classifier trained on other data
-    key = f"{manifest_path.parent.name}-{hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:12]}"
-    return {s: shard_urls(manifest, s) for s in ("train", "val", "test")} | {
-        "cache": str(data_root(sweep)), "key": key,
-        "class_counts": list(manifest.splits["train"].class_counts),  # method.mc.prior: train
-        **mask_classes(sweep, manifest)}
-
-
-def mask_classes(sweep: SweepConfig, manifest) -> dict[str, int]:
-    """``{"mask_classes": K}`` from the manifest when ``data.masks`` (the loader's bound on mask
-    values), checked against the seg head's C + 1 outputs; {} without masks."""
-    from harness.config import ConfigError
-    from harness.data import DataError
-
-    if not sweep.data.masks:
-        return {}
-    try:
-        k = manifest.require_mask().num_classes
-    except DataError as e:
-        raise ConfigError(f"{sweep.source_file}: data.masks: {e}") from None
-    seg = sweep.trial(sweep.strategies[0], sweep.seeds[0]).model_config().seg_classes
-    if k != seg:
-        raise ConfigError(f"{sweep.source_file}: model.overrides.num_classes: the masks have {k} "
-                          f"classes (background + {k - 1}), the seg head would give {seg}")
-    return {"mask_classes": k}
 
 
 def scaling_config(cfg: TrialConfig):
@@ -140,8 +73,11 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def fit(cfg: TrialConfig, urls: dict[str, Any], storage: str, name: str, in_tune: bool):
-    """Build and fit the TorchTrainer of one trial; returns Ray Train's Result."""
+def fit(cfg: TrialConfig, data: dict[str, Any], storage: str, name: str, in_tune: bool,
+        trial_dir: str | None = None):
+    """Build and fit the TorchTrainer of one trial; returns Ray Train's Result. ``data``: the
+    sweep's dataset (harness.data.resolve_dataset, resolved once at the driver) as
+    ``Dataset.plain()``; ``trial_dir``: where the evaluations' sample grids go."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -152,7 +88,7 @@ def fit(cfg: TrialConfig, urls: dict[str, Any], storage: str, name: str, in_tune
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"trial": cfg.to_dict(), "urls": urls},
+        train_loop_config={"trial": cfg.to_dict(), "data": data, "trial_dir": trial_dir},
         scaling_config=scaling_config(cfg), torch_config=torch_config(cfg),
         run_config=RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
@@ -170,7 +106,7 @@ def trial_name(cfg: TrialConfig) -> str:
     return f"{cfg.variant}-seed{cfg.seed}-{cfg.hash()}"
 
 
-def run_trial(params: dict[str, Any], arms: dict[str, dict], urls: dict[str, Any], storage: str) -> None:
+def run_trial(params: dict[str, Any], arms: dict[str, dict], data: dict[str, Any], storage: str) -> None:
     """The Tune function trainable: one arm × seed of the sweep (plus grid or searched values)."""
     import ray.tune
 
@@ -178,7 +114,7 @@ def run_trial(params: dict[str, Any], arms: dict[str, dict], urls: dict[str, Any
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
     start = time.perf_counter()
     log.warning("trial start: %s (strategy %s) seed=%d", cfg.variant, cfg.strategy.name, cfg.seed)
-    fit(cfg, {**urls, "trial_dir": str(trial_dir)}, storage, f"train-{trial_name(cfg)}", in_tune=True)
+    fit(cfg, data, storage, f"train-{trial_name(cfg)}", in_tune=True, trial_dir=str(trial_dir))
     log.warning("trial end: %s seed=%d wall=%.1fs", cfg.variant, cfg.seed,
                 time.perf_counter() - start)
 

@@ -143,7 +143,12 @@ class Strategy:
 
     def weights(self, gram: torch.Tensor, state=None, **options) -> tuple[torch.Tensor, Telemetry]:
         """(w [..., 2], telemetry) for gram [..., 2, 2]; a stateful rule returns its next state as telemetry['state']."""
-        opts = self.check_options(options)
+        return self.resolved_weights(gram, state, self.check_options(options))
+
+    def resolved_weights(self, gram: torch.Tensor, state, opts: dict[str, Any]) -> tuple[torch.Tensor, Telemetry]:
+        """:meth:`weights` with options that :meth:`check_options` already resolved (a training
+        loop resolves them once, not every step)."""
+        opts = dict(opts)
         task_weights = opts.pop("task_weights")
         s = gram_stats(gram)
         m, lam, extra = self._aligned(s, state, **opts)

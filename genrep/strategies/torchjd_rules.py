@@ -250,8 +250,8 @@ class TorchJD(Strategy):
         self.check_options(options)
         return torch.zeros(num_segments, 2, 2, dtype=torch.float64) if self.method.stateful else None
 
-    def weights(self, gram: torch.Tensor, state=None, **options):
-        w, tel = super().weights(gram, state, **options)
+    def resolved_weights(self, gram: torch.Tensor, state, opts):
+        w, tel = super().resolved_weights(gram, state, opts)
         del tel["damping"]  # no damping λ in these methods: the report's column stays empty
         return w, tel
 

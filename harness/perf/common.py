@@ -15,7 +15,7 @@ import platform
 import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable
@@ -115,12 +115,6 @@ TEACHERS = {"off": {"method.beta_kd": 0.0},
 # semantic-driven generation (P8), as trial overrides: mean correction and variance factor from the
 # semantic network's x_sem, and representation alignment at weight 0.5
 SEMANTIC = {"method.semantic.enabled": True, "method.semantic.rep_align": 0.5}
-
-
-def plain(sweep: SweepConfig) -> dict[str, Any]:
-    """The sweep as a plain, YAML-safe mapping (no grid, variants or search), re-validatable."""
-    raw = {k: v for k, v in asdict(sweep).items() if k not in ("grid", "variants", "search", "source_file")}
-    return json.loads(json.dumps(raw))  # tuples → lists
 
 
 def synthetic_batch(cfg: TrialConfig, n: int | None = None):

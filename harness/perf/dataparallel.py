@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from harness.config import apply_overrides, from_dict
-from harness.perf.common import (TEACHERS, Row, Settings, median, peak_of, plain, spawn_ranks,
+from harness.perf.common import (TEACHERS, Row, Settings, median, peak_of, spawn_ranks,
                                  synthetic_batch)
 
 # the collectives DeepSpeed (deepspeed.comm.torch looks each up on torch.distributed at each
@@ -99,7 +99,7 @@ def expected_extra_bytes(d: int, tensors: int, world: int, itemsize: int = 4) ->
 
 
 def run(settings: Settings) -> list[Row]:
-    steps, world, raw_sweep = (4 if settings.quick else 16), 2, plain(settings.sweep)
+    steps, world, raw_sweep = (4 if settings.quick else 16), 2, settings.sweep.plain()
     sums = summary(spawn_ranks(_rank, world, raw_sweep, "sum", steps))
     ranks = spawn_ranks(_rank, world, raw_sweep, "genrep", steps)
     gen, d = summary(ranks), ranks[0]["shared_params"]

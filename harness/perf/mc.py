@@ -22,10 +22,9 @@ from genrep.posterior import mc_posterior
 from genrep.reverse_chain import reverse_chain_posterior
 from harness.atomic import atomic_open
 from harness.data import make_loader
-from harness.evaluate_trial import load_split
+from harness.data import Dataset, forever, load_split, resolve_dataset
 from harness.perf.common import TEACHERS, Row, Settings, trial
 from harness.perf.steps import BareLoop
-from harness.trial import prepare_data
 
 K = 8  # draws of the full posterior: the full teacher's K (common.TEACHERS["full"])
 # (steps, burn-in, thin, start): the paper's first (from T−1), then cheaper ones, then chains started
@@ -34,26 +33,24 @@ CHAINS = ((200, 50, 2, None), (100, 25, 2, None), (50, 10, 2, None), (20, 4, 1, 
           (20, 0, 1, 400), (10, 0, 1, 400))
 
 
-def heldout(urls: dict[str, Any], limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def heldout(data: Dataset, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every val and test image (never seen in training), optionally the first ``limit``."""
-    x, y = (torch.cat(v) for v in zip(*(load_split(urls[s]) for s in ("val", "test"))))
+    x, y = (torch.cat(v) for v in zip(*(load_split(data.urls(s)) for s in ("val", "test"))))
     return (x[:limit], y[:limit]) if limit else (x, y)
 
 
-def trained_model(settings: Settings, urls: dict[str, Any]) -> tuple[GenRepModel, dict[str, Any]]:
+def trained_model(settings: Settings, data: Dataset) -> tuple[GenRepModel, dict[str, Any]]:
     """The P3b model: from the cache, or trained now (``p3b_steps`` of L_ce + L_gen) and cached."""
-    from harness.worker import forever
-
     cfg = trial(settings, "sum", **TEACHERS["off"], **{"train.batch_size": settings.p3b_batch})
     # keyed by all it depends on: the trial (model, batch, optimizer, seed), steps, packed data
-    key = json.dumps([cfg.to_dict(), settings.p3b_steps, urls["key"]], sort_keys=True, default=str)
+    key = json.dumps([cfg.to_dict(), settings.p3b_steps, data.key], sort_keys=True, default=str)
     path = Path(settings.out) / "cache" / f"mc-model-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if path.exists():
         model = build_model(cfg.model_config(), seed=cfg.seed)
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), {"cached": str(path), "train_steps": settings.p3b_steps}
     loop, start = BareLoop(cfg), time.perf_counter()
-    batches = forever(make_loader(urls["train"], settings.p3b_batch, seed=cfg.seed, shuffle_buffer=256))
+    batches = forever(make_loader(data.train, settings.p3b_batch, seed=cfg.seed, shuffle_buffer=256))
     for step in range(settings.p3b_steps):
         loop(*next(batches), step)
     with atomic_open(path, "wb") as f:
@@ -131,8 +128,8 @@ def p3c_row(settings: Settings, model, x, y, p3b: Row) -> Row:
 
 
 def run(settings: Settings) -> list[Row]:
-    urls = prepare_data(settings.sweep)
-    model, info = trained_model(settings, urls)
-    x, y = heldout(urls, settings.p3b_images)
+    data = resolve_dataset(settings.sweep)
+    model, info = trained_model(settings, data)
+    x, y = heldout(data, settings.p3b_images)
     rows = [p3b_row(settings, model, info, x, y)]
     return rows + ([p3c_row(settings, model, x, y, rows[0])] if "P3c" in settings.ids else [])

@@ -47,10 +47,10 @@ class BareLoop:
 def calibration_cost(step_fn, cfg: TrialConfig) -> dict[str, float]:
     """One τ fit (``mc.tau: auto``: calibrate_images·K·C forwards) timed apart from the steps, and
     its cost amortised over the steady-state gap calibrate_every (a short run's early fits, at
-    doubling gaps from calibrate_first, cost more: harness.step.next_fit)."""
+    doubling gaps from calibrate_first, cost more: harness.teacher.next_fit)."""
     mc, start = cfg.method.mc, time.perf_counter()
     if mc.tau == "auto" and mc.calibrate_every:
-        step_fn.fit_tau(step_fn.net.teacher().eps, mc.k, 10**6)
+        step_fn.teacher.fit_tau(step_fn.net.teacher().eps, mc.k, 10**6)
         fit = time.perf_counter() - start
         return {"calibration_fit_s": fit, "calibration_per_step_s": fit / mc.calibrate_every}
     return {}
@@ -71,11 +71,10 @@ def build(kind: str, cfg: TrialConfig):
 
     if kind == "bare":
         return BareLoop(cfg)
-    step_fn = make_step(cfg, Shard(0, 1, cfg.train.batch_size), torch.device("cpu"))
-    if cfg.method.mc.tau == "auto":  # τ fitted on labelled images (val ones in harness.worker);
-        n = cfg.method.mc.calibrate_images  # synthetic ones cost the same n·K·C forwards a fit
-        step_fn.calibration = synthetic_batch(cfg, n)
-    return step_fn
+    # τ fitted on labelled images (val ones in a trial: harness.teacher.teacher_inputs); synthetic
+    # ones cost the same n·K·C forwards a fit
+    calibration = synthetic_batch(cfg, cfg.method.mc.calibrate_images) if cfg.method.mc.tau == "auto" else None
+    return make_step(cfg, Shard(0, 1, cfg.train.batch_size), torch.device("cpu"), calibration=calibration)
 
 
 def block_of(cfg: TrialConfig) -> int:

@@ -15,21 +15,19 @@ import torch
 import yaml
 
 from harness.config import apply_overrides, from_dict, load
-from harness.data import ensure_packed, load_manifest, loader_throughput
+from harness.data import data_root, load_manifest, load_split, loader_throughput, resolve_dataset
 from harness.evaluate import reference_classifier
-from harness.evaluate_trial import load_split
-from harness.perf.common import Row, Settings, load_average, plain, spawn_ranks, synthetic_batch
-from harness.trial import data_root, prepare_data
+from harness.perf.common import Row, Settings, load_average, spawn_ranks, synthetic_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
 
 
 def p4_row(settings: Settings, step: dict[str, Any]) -> Row:
-    d = settings.sweep.data
-    params = dict(shard_size=d.shard_size, image_size=d.image_size, split=d.split, seed=0,
-                  **({"count": d.count} if d.count is not None else {}))  # as prepare_data packs
-    manifest = load_manifest(ensure_packed(d.source, data_root(settings.sweep), **params))
+    data = resolve_dataset(settings.sweep)  # the trials' own dataset, packed with their settings
+    if data.manifest is None:
+        raise ValueError("P4 times the packed source's loader; data.urls gives no manifest")
+    manifest = load_manifest(data.manifest)
     seconds = 1.0 if settings.quick else 3.0
     runs = sorted(loader_throughput(manifest, batch_size=step["batch"], seconds=seconds)
                   for _ in range(1 if settings.quick else 3))
@@ -42,7 +40,7 @@ def p4_row(settings: Settings, step: dict[str, Any]) -> Row:
 
 def p5_sweep(settings: Settings, out: Path, concurrent: int) -> dict[str, Any]:
     """The base sweep cut to 2 trials of ``p5_steps`` (2 seeds of ``sum``) with ``max_concurrent``."""
-    base, steps = plain(settings.sweep), settings.p5_steps
+    base, steps = settings.sweep.plain(), settings.p5_steps
     return {**base, "name": f"perf-p5-c{concurrent}", "output_dir": str(out / f"c{concurrent}"),
             "strategies": ["sum"], "seeds": [0, 1],
             "data": {**base["data"], "root": str(data_root(settings.sweep))},
@@ -54,9 +52,9 @@ def p5_sweep(settings: Settings, out: Path, concurrent: int) -> dict[str, Any]:
 
 def warm_reference(settings: Settings) -> None:
     """Train (or load) the cached reference classifier now, so neither timed sweep pays for it."""
-    urls, split = prepare_data(settings.sweep), settings.sweep.eval.split
-    reference_classifier(Path(urls["cache"]) / "reference", urls["key"], *load_split(urls["train"]),
-                         *load_split(urls[split]), seed=0)
+    data, split = resolve_dataset(settings.sweep), settings.sweep.eval.split
+    reference_classifier(Path(data.cache) / "reference", data.key, *load_split(data.train),
+                         *load_split(data.urls(split)), seed=0)
 
 
 def p5_walls(settings: Settings) -> dict[int, float]:
@@ -73,7 +71,7 @@ def p5_walls(settings: Settings) -> dict[int, float]:
                 path = Path(tmp) / f"c{c}.yaml"
                 path.write_text(yaml.safe_dump(p5_sweep(settings, Path(tmp), c)))
                 start = time.perf_counter()
-                df = run_sweep(path, overwrite=True)
+                df = run_sweep(load(path), overwrite=True)
                 walls[c] = time.perf_counter() - start
                 if not (df["status"] == "ok").all():
                     raise RuntimeError(f"P5: a trial failed (max_concurrent {c})")
@@ -108,15 +106,15 @@ def _p6_rank(rank: int, world: int, raw: dict) -> dict[str, int]:
 
 
 def p6_row(settings: Settings) -> Row:
-    ranks = spawn_ranks(_p6_rank, 2, plain(settings.sweep))
+    ranks = spawn_ranks(_p6_rank, 2, settings.sweep.plain())
     raw = {f"zero{z}_bytes_per_worker": [r[f"zero{z}"] for r in ranks] for z in (0, 2)} | {"workers": 2}
     return Row("P6", "optimizer-state bytes per worker, ZeRO-2 ÷ ZeRO-0 (2 workers)",
                max(raw["zero2_bytes_per_worker"]) / max(raw["zero0_bytes_per_worker"]), "<=", 0.55, raw)
 
 
 def p7_row() -> Row:
-    raw = yaml.safe_load(SMOKE.read_text())
-    root = str(data_root(load(SMOKE)))  # the shared cache a real run would use
+    smoke, raw = load(SMOKE)
+    root = str(data_root(smoke))  # the shared cache a real run would use
     with tempfile.TemporaryDirectory(prefix="genrep-perf-p7-") as tmp:
         path = Path(tmp) / "smoke.yaml"
         path.write_text(yaml.safe_dump({**raw, "output_dir": str(Path(tmp) / "smoke"),

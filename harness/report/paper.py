@@ -91,12 +91,11 @@ def direction_table(df: pd.DataFrame, p: PreregistrationConfig, prereg: pd.DataF
         values, hib = final_values(df, m, split), direction(df, m)
         for r, ref in references(p):
             both = paired(values, r.arm, arm_of[ref])
-            s = compare((both["arm"] - both["base"]).tolist(), p.alpha, p.power)
+            s = compare((both["arm"] - both["base"]).tolist(), p.alpha, p.power, p.margins.get(m))
             pre = prereg[(prereg["arm"] == r.arm) & (prereg["metric"] == m)] if len(prereg) else prereg
             registered = arm_of[ref] == p.baseline and len(pre) > 0
             word, pv = ((pre["verdict"].iloc[0], pre["p_holm"].iloc[0]) if registered else
-                        (verdict(s["delta"], s["p"], (s["tost_lo"], s["tost_hi"]), p.margins.get(m),
-                                 hib, p.alpha), s["p"]))
+                        (verdict(s["delta"], s["p"], s["p_tost"], hib, p.alpha), s["p"]))
             out.append({"row": r.row, "vs": ref, "arm": r.arm, "vs_arm": arm_of[ref], "metric": m,
                         "paper": p.paper_direction.get(r.row, {}).get(m, ""), "delta": s["delta"],
                         "ci95": s["ci95"], "n": s["n"], "p": pv, "preregistered": registered,

@@ -5,7 +5,7 @@ The sweep's ``preregistration`` section travels in every result row's config JSO
 (``harness.sweep.trial_rows``), so these tables are pure functions of the results: for each
 (comparison arm, primary metric) the paired Δ against the baseline over seeds, its two-sided
 paired t p-value, Holm's adjustment over the whole family, the run's minimum detectable effect,
-TOST's (1 − 2α) interval against the margin, and one verdict word (``stats.VERDICTS``).
+TOST's (1 − 2α) interval and p against the margin, and one verdict word (``stats.VERDICTS``).
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import pandas as pd
 
 from harness.config import ConfigError, PreregistrationConfig, preregistration_from_dict
 from harness.report.stats import (curve_mean, holm, mde_paired, mean_ci, paired_delta,
-                                  paired_t_test, t_quantile, tost_interval, verdict)
+                                  paired_t_test, t_quantile, tost_interval, tost_paired, verdict)
 from harness.report.tables import (UNIT, direction, final_values, held_out_split, labelled, ok_rows,
                                    pm)
 
 PREREG_COLUMNS = ["arm", "metric", "higher_is_better", "n", "n_registered", "delta", "ci95", "p",
-                  "p_holm", "mde", "tost_lo", "tost_hi", "margin", "verdict"]
+                  "p_holm", "mde", "tost_lo", "tost_hi", "p_tost", "margin", "verdict"]
 
 
 def preregistration(df: pd.DataFrame) -> tuple[PreregistrationConfig | None, str | None]:
@@ -56,14 +56,16 @@ def paired(values: pd.Series, arm: str, baseline: str) -> pd.DataFrame:
     return both.dropna()
 
 
-def compare(d: list[float], alpha: float, power: float) -> dict[str, float]:
-    """Δ statistics of one comparison: mean, 95% half-width, paired t p, MDE, TOST interval."""
+def compare(d: list[float], alpha: float, power: float, margin: float | None) -> dict[str, float]:
+    """Δ statistics of one comparison: mean, 95% half-width, paired t p, MDE, TOST's (1 − 2α)
+    interval and its p against ±margin (NaN without a margin)."""
     t = paired_t_test(d)
     n, sd = t["n"], t["sd"]
     half = t_quantile(n - 1, 0.975) * sd / math.sqrt(n) if n > 1 else float("nan")
     lo, hi = tost_interval(t["mean"], sd, n, alpha)
     return {"n": n, "delta": t["mean"], "ci95": half, "p": t["p"], "sd": sd,
-            "mde": mde_paired(sd, n, alpha, power), "tost_lo": lo, "tost_hi": hi}
+            "mde": mde_paired(sd, n, alpha, power), "tost_lo": lo, "tost_hi": hi,
+            "p_tost": tost_paired(d, margin)}
 
 
 def prereg_table(df: pd.DataFrame, p: PreregistrationConfig) -> pd.DataFrame:
@@ -78,13 +80,13 @@ def prereg_table(df: pd.DataFrame, p: PreregistrationConfig) -> pd.DataFrame:
         values = final_values(df, m, split)
         for arm in p.comparisons:
             both = paired(values, arm, p.baseline)
-            stats = compare((both["arm"] - both["base"]).tolist(), p.alpha, p.power)
+            stats = compare((both["arm"] - both["base"]).tolist(), p.alpha, p.power, p.margins[m])
             rows.append({"arm": arm, "metric": m, "higher_is_better": direction(df, m),
                          "n_registered": p.seeds, "margin": float(p.margins[m]), **stats})
     table = pd.DataFrame(rows)
     table["p_holm"] = holm(table["p"].tolist())
-    table["verdict"] = [verdict(r.delta, r.p_holm, (r.tost_lo, r.tost_hi), r.margin,
-                                r.higher_is_better, p.alpha) for r in table.itertuples()]
+    table["verdict"] = [verdict(r.delta, r.p_holm, r.p_tost, r.higher_is_better, p.alpha)
+                        for r in table.itertuples()]
     order = {a: i for i, a in enumerate(p.comparisons)}
     table = table.sort_values("arm", key=lambda s: s.map(order), kind="stable")
     return table[PREREG_COLUMNS].reset_index(drop=True)
@@ -106,11 +108,11 @@ def note(p: PreregistrationConfig) -> str:
             f"{p.seeds} paired seeds; α = {p.alpha:g}; margins {margins}. Δ = arm − baseline at each "
             f"trial's last held-out evaluation, paired on seeds, mean ± 95% t half-width; p: two-sided "
             f"paired t; p (Holm): Holm's step-down adjustment over all {len(p.comparisons) * len(p.primary)} "
-            f"pre-registered comparisons; MDE: (t_{{1−α/2,n−1}} + t_{{{p.power:g},n−1}})·s_Δ/√n, the "
-            f"true Δ this run would detect with power {p.power:g} given the spread of its seeds "
-            f"(unadjusted α); {level}% CI: the (1 − 2α) t interval of TOST. Verdict: better/worse "
-            f"when p (Holm) < α (sign read through the metric's direction), else equivalent within the "
-            f"margin when the {level}% CI lies inside ±margin, else inconclusive.")
+            f"pre-registered comparisons; MDE: the true Δ this run would detect with power {p.power:g} "
+            f"given the spread of its seeds (exact paired t power, noncentral t; unadjusted α); "
+            f"{level}% CI: the (1 − 2α) t interval of TOST. Verdict: better/worse when p (Holm) < α "
+            f"(sign read through the metric's direction), else equivalent within the margin when "
+            f"TOST rejects both one-sided nulls at α (the {level}% CI inside ±margin), else inconclusive.")
 
 
 def pvalue(p: float) -> str:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from harness.metrics import direction
 from harness.report.stats import pareto_front
-from harness.report.tables import held_out_split, labelled, ok_rows
+from harness.report.tables import held_out_split, ok_rows
 
 # the report's search objectives (accuracy, generation quality, cost) → maximise? (registry);
 # the Pareto front takes one cost: the teacher's forwards per step (mc_evals, deterministic) when

@@ -1,9 +1,12 @@
-"""Small statistics for reports: Student-t intervals over seeds, paired differences, Pareto masks,
-and the pre-registered analysis (paired t test, Holm, minimum detectable effect, TOST, verdict,
-the mean level of a curve).
+"""Statistics for reports: Student-t intervals over seeds, paired differences, Pareto masks, and
+the pre-registered analysis (paired t test, Holm, TOST, power / minimum detectable effect, the
+verdict, the mean level of a curve).
 
-Pure numpy (scipy used for the t quantile when importable; the t distribution function is exact
-for integer degrees of freedom without it); no pandas here.
+The distributions and tests come from the libraries: scipy.stats (t quantiles, the paired t
+test, the noncentral t behind exact power), scipy.optimize (the power's root), statsmodels
+(Holm's adjustment, the paired TOST). What stays here is what no library has: intervals
+assembled from those pieces, the report's conventions for missing data and zero spread, the
+verdict's wording, the Pareto mask over report rows and the curve's mean level. No pandas here.
 """
 from __future__ import annotations
 
@@ -11,73 +14,23 @@ import math
 from typing import Sequence
 
 import numpy as np
+from scipy import stats as sps
+from scipy.integrate import trapezoid
+from scipy.optimize import brentq
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.weightstats import DescrStatsW
 
-# t_{0.975, df} for df = 1..30 (two-sided 95%), from the standard table (e.g. NIST/SEMATECH
-# e-Handbook of Statistical Methods, §1.3.6.7.2); used only when scipy is not importable.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-Z975 = 1.959964  # normal quantile: the t quantile's limit for df > 30 in the fallback
-
-
-def t_quantile(df: int, q: float = 0.975, use_scipy: bool = True) -> float:
-    """Student-t quantile t_{q, df}: scipy.stats.t.ppf when available, else the 97.5% table.
-
-    The fallback only knows q = 0.975: the table above for df ≤ 30, 1.96 beyond (the error
-    there is < 2%: t_{0.975,30} = 2.042).
-    """
-    if df < 1:
-        return float("nan")
-    if use_scipy:
-        try:
-            from scipy.stats import t
-
-            return float(t.ppf(q, df))
-        except ImportError:
-            pass
-    if abs(q - 0.975) > 1e-12:
-        return t_quantile_bisect(df, q)
-    return T975[df - 1] if df <= len(T975) else Z975
+NAN = float("nan")
 
 
-def t_quantile_bisect(df: int, q: float) -> float:
-    """t_{q, df} by bisection on :func:`t_cdf` (exact for integer df), to ~1e-12: the fallback
-    for quantiles other than 0.975 without scipy."""
-    lo, hi = -1e3, 1e3
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
-    return (lo + hi) / 2
+def finite(values: Sequence[float]) -> np.ndarray:
+    """The values as a float array, None and NaN dropped (a seed without a result)."""
+    return np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
 
 
-def t_central(t: float, df: int) -> float:
-    """A(t|ν) = P(|T| ≤ |t|) for Student's t with integer ν ≥ 1, in closed form.
-
-    θ = arctan(|t|/√ν). ν odd: A = (2/π)[θ + sin θ (cos θ + (2/3)cos³θ + … + (2·4⋯(ν−3))/(1·3⋯(ν−2))
-    cos^{ν−2}θ)] (ν = 1: 2θ/π); ν even: A = sin θ [1 + (1/2)cos²θ + (1·3)/(2·4)cos⁴θ + … +
-    (1·3⋯(ν−3))/(2·4⋯(ν−2))cos^{ν−2}θ]. Source: Abramowitz & Stegun, *Handbook of Mathematical
-    Functions*, 26.7.3 and 26.7.4.
-    """
-    if math.isinf(t):
-        return 1.0
-    theta = math.atan(abs(t) / math.sqrt(df))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if df % 2:
-        term = series = math.cos(theta) if df > 1 else 0.0
-        for j in range(1, (df - 3) // 2 + 1):  # powers cos³ … cos^{ν−2}
-            term *= c2 * (2 * j) / (2 * j + 1)
-            series += term
-        return min(1.0, 2 / math.pi * (theta + s * series))
-    term = series = 1.0
-    for j in range(1, (df - 2) // 2 + 1):  # powers cos² … cos^{ν−2}
-        term *= c2 * (2 * j - 1) / (2 * j)
-        series += term
-    return min(1.0, s * series)
-
-
-def t_cdf(t: float, df: int) -> float:
-    """P(T ≤ t) = 1/2 + sign(t)·A(t|ν)/2 (symmetry of Student's t; A from :func:`t_central`)."""
-    return 0.5 + math.copysign(t_central(t, df), t) / 2
+def t_quantile(df: int, q: float = 0.975) -> float:
+    """Student-t quantile t_{q, df} = scipy.stats.t.ppf(q, df); NaN for df < 1."""
+    return float(sps.t.ppf(q, df)) if df >= 1 else NAN
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
@@ -87,12 +40,12 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
     half-width (one seed says nothing about the spread). Source: any statistics text, e.g.
     Wasserman, *All of Statistics*, §10 (the t interval for a normal mean).
     """
-    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    x = finite(values)
     n = len(x)
     if n == 0:
-        return float("nan"), float("nan"), 0
+        return NAN, NAN, 0
     if n == 1:
-        return float(x[0]), float("nan"), 1
+        return float(x[0]), NAN, 1
     half = t_quantile(n - 1, 1 - (1 - level) / 2) * x.std(ddof=1) / math.sqrt(n)
     return float(x.mean()), float(half), n
 
@@ -113,6 +66,8 @@ def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[bool]) 
     ``directions[j]`` is True when objective j is maximised. Row i is dominated when some row k
     is at least as good on every objective and strictly better on one. Rows with a NaN are never
     on the front. Duplicates of a front point are all kept. O(N²·M), fine for sweep sizes.
+    (Optuna computes the same front only for trials of a Study, ``Study.best_trials``; its
+    array function is private, so the report's rows are masked here.)
     """
     p = np.asarray(points, dtype=float).reshape(len(points), len(directions))
     sign = np.where(np.asarray(directions, dtype=bool), 1.0, -1.0)
@@ -133,100 +88,150 @@ VERDICTS = ("better", "worse", "equivalent within the margin", "inconclusive")
 def paired_t_test(d: Sequence[float]) -> dict[str, float]:
     """The paired t test of mean(d) = 0 on per-seed differences d_i = a_i − b_i.
 
-    t = d̄/(s_d/√n), two-sided p = 1 − A(|t| | n − 1) (Student 1908; any text, e.g. Wasserman,
-    *All of Statistics*, §10.4). Returns mean, sd (ddof 1), n, t, p; NaNs dropped. n < 2: t and
-    p NaN. s_d = 0: every seed moved by the same amount, so p = 0 if d̄ ≠ 0 and 1 if d̄ = 0.
+    t = d̄/(s_d/√n), two-sided p = 2·P(T_{n−1} ≥ |t|): scipy.stats.ttest_1samp(d, 0), the same
+    test as ttest_rel(a, b) (Student 1908; Wasserman, *All of Statistics*, §10.4). Returns mean,
+    sd (ddof 1), n, t, p; NaNs dropped. n < 2: t and p NaN. s_d = 0 (scipy has no t there):
+    every seed moved by the same amount, so p = 0 if d̄ ≠ 0 and 1 if d̄ = 0.
     """
-    x = np.asarray([v for v in d if v is not None and not math.isnan(v)], dtype=float)
+    x = finite(d)
     n = len(x)
-    mean = float(x.mean()) if n else float("nan")
-    sd = float(x.std(ddof=1)) if n > 1 else float("nan")
+    mean = float(x.mean()) if n else NAN
+    sd = float(x.std(ddof=1)) if n > 1 else NAN
     if n < 2:
-        return {"mean": mean, "sd": sd, "n": n, "t": float("nan"), "p": float("nan")}
+        return {"mean": mean, "sd": sd, "n": n, "t": NAN, "p": NAN}
     if sd == 0:
         return {"mean": mean, "sd": sd, "n": n, "t": math.copysign(math.inf, mean) if mean else 0.0,
                 "p": 0.0 if mean else 1.0}
-    t = mean / (sd / math.sqrt(n))
-    return {"mean": mean, "sd": sd, "n": n, "t": t, "p": max(0.0, 1.0 - t_central(t, n - 1))}
+    res = sps.ttest_1samp(x, 0.0)
+    return {"mean": mean, "sd": sd, "n": n, "t": float(res.statistic), "p": float(res.pvalue)}
 
 
 def holm(p: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values over one family of m hypotheses.
+    """Holm's step-down adjusted p-values over one family of m hypotheses:
+    statsmodels.stats.multitest.multipletests(p, method="holm").
 
-    Sort ascending, p̃_(i) = min(1, max_{j ≤ i} (m − j + 1)·p_(j)); reject H_(i) when p̃_(i) < α,
-    which controls the family-wise error at α. A NaN p (a comparison without data) still counts
-    in m and sorts last as if p = 1: it can never be rejected, and leaving it out of m would
-    make the others easier to reject. Source: Holm (1979), *A simple sequentially rejective
-    multiple test procedure*, Scand. J. Statist. 6, 65–70.
+    p sorted ascending, p̃_(i) = min(1, max_{j ≤ i} (m − j + 1)·p_(j)); reject H_(i) when
+    p̃_(i) < α (family-wise error ≤ α). A NaN p (a comparison without data) still counts in m as
+    p = 1, so it is never rejected and leaving it out cannot make the others easier to reject;
+    its adjusted p stays NaN. Source: Holm (1979), Scand. J. Statist. 6, 65–70.
     """
-    vals = [1.0 if v is None or math.isnan(v) else float(v) for v in p]
-    m, out, running = len(vals), [float("nan")] * len(vals), 0.0
-    for i, k in enumerate(sorted(range(m), key=lambda k: vals[k])):
-        running = max(running, (m - i) * vals[k])  # i is 0-based: (m − (i+1) + 1)
-        out[k] = min(1.0, running) if not (p[k] is None or math.isnan(p[k])) else float("nan")
-    return out
+    if len(p) == 0:
+        return []
+    missing = [v is None or math.isnan(v) for v in p]
+    vals = np.asarray([1.0 if gone else float(v) for v, gone in zip(p, missing)])
+    adjusted = multipletests(vals, method="holm")[1]
+    return [NAN if gone else float(a) for a, gone in zip(adjusted, missing)]
+
+
+def t_test_power(d: float, n: int, alpha: float = 0.05) -> float:
+    """Exact power of the two-sided one-sample (paired) t test on n differences at standardised
+    effect d = Δ/s_d: P(T'_δ > c) + P(T'_{−δ} > c), c = t_{1−α/2, n−1}, T'_δ noncentral t with
+    n − 1 df and noncentrality δ = d·√n (both tails; scipy.stats.nct.sf; Cohen 1988, *Statistical
+    Power Analysis for the Behavioral Sciences*, ch. 2).
+
+    The lower tail is taken as the upper tail at −δ, not as nct.cdf(−c): that cdf is NaN far in
+    the tail (scipy/scipy#25470), which makes statsmodels' TTestPower.power NaN for large d.
+    """
+    c, nc = t_quantile(n - 1, 1 - alpha / 2), d * math.sqrt(n)
+    return float(sps.nct.sf(c, n - 1, nc) + sps.nct.sf(c, n - 1, -nc))
 
 
 def mde_paired(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Minimum detectable effect of a two-sided paired t test at level α with power 1 − β.
+    """Minimum detectable effect of a two-sided paired t test at level α with the given power:
+    MDE = d*·s_d, t_test_power(d*, n, α) = power, the root by scipy.optimize.brentq.
 
-    MDE = (t_{1−α/2, n−1} + t_{1−β, n−1})·s_d/√n: the true mean difference that a test on n
-    seeds with this spread rejects with probability ≈ power (the usual approximation that
-    ignores the far tail). Source: Cohen (1988), *Statistical Power Analysis for the Behavioral
-    Sciences*, ch. 2; e.g. Chow, Shao & Wang, *Sample Size Calculations in Clinical Research*,
-    §3.1 (the one-sample/paired t, with t quantiles in place of z).
+    Exact noncentral-t power, not the (t_{1−α/2} + t_{power})·s_d/√n approximation, which is
+    ~5% low at n = 3. (TTestPower.solve_power is not used: for few seeds its root misses, e.g.
+    n = 3, α = 0.01, power 0.8 gives d = 7.17 whose power is 0.787.) NaN for n < 2, a NaN s_d,
+    or power ≤ α (every Δ, even 0, is detected that often).
     """
-    if n < 2 or sd is None or math.isnan(sd):
-        return float("nan")
-    return (t_quantile(n - 1, 1 - alpha / 2) + t_quantile(n - 1, power)) * sd / math.sqrt(n)
+    if n < 2 or sd is None or math.isnan(sd) or power <= alpha:
+        return NAN
+    hi = 1.0
+    while t_test_power(hi, n, alpha) < power:  # the power rises with d: bracket the root
+        hi *= 2
+    d = brentq(lambda x: t_test_power(x, n, alpha) - power, 0.0, hi, xtol=1e-12)
+    return d * sd
+
+
+def seeds_for_mde(sd: float, mde: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Paired seeds a two-sided paired t test needs to detect a true Δ = ``mde`` at level α
+    with the given power, the differences' spread being ``sd`` (e.g. a pilot's s_d).
+
+    The smallest integer n ≥ 2 with t_test_power(mde/sd, n, α) ≥ power (the power rises with
+    n: doubling, then bisection on the integers). sd = 0: 2, the fewest a t test can use.
+    """
+    if not (mde > 0 and sd >= 0):
+        raise ValueError(f"seeds_for_mde: needs mde > 0 and sd >= 0, got mde={mde}, sd={sd}")
+    if sd == 0:
+        return 2
+
+    def enough(n: int) -> bool:  # 1e-9: the root's tolerance, so an MDE's own n counts
+        return t_test_power(mde / sd, n, alpha) >= power - 1e-9
+
+    lo, hi = 1, 2  # enough(lo) is False (one seed is no test); grow hi until enough(hi)
+    while not enough(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
 
 
 def tost_interval(mean: float, sd: float, n: int, alpha: float = 0.05) -> tuple[float, float]:
     """The (1 − 2α) t interval of the mean difference: d̄ ± t_{1−α, n−1}·s_d/√n.
 
-    Lying inside (−margin, +margin) is the two one-sided tests (TOST) rejecting both
-    "Δ ≤ −margin" and "Δ ≥ +margin" at level α. Source: Schuirmann (1987), J. Pharmacokinet.
-    Biopharm. 15, 657–680; Lakens (2017), Soc. Psychol. Personal. Sci. 8, 355–362.
+    Lying inside (−margin, +margin) is the same decision as :func:`tost_paired` p < α (the
+    interval-inclusion form of TOST). Source: Schuirmann (1987), J. Pharmacokinet. Biopharm. 15,
+    657–680; Lakens (2017), Soc. Psychol. Personal. Sci. 8, 355–362.
     """
     if n < 2 or sd is None or math.isnan(sd):
-        return float("nan"), float("nan")
+        return NAN, NAN
     half = t_quantile(n - 1, 1 - alpha) * sd / math.sqrt(n)
     return mean - half, mean + half
 
 
-def equivalent(interval: tuple[float, float], margin: float | None) -> bool:
-    """TOST's decision: the (1 − 2α) interval strictly inside (−margin, +margin)."""
-    lo, hi = interval
-    if margin is None or math.isnan(margin) or math.isnan(lo) or math.isnan(hi):
-        return False
-    return -margin < lo and hi < margin
+def tost_paired(d: Sequence[float], margin: float | None) -> float:
+    """p of the two one-sided paired t tests of "Δ ≤ −margin" and "Δ ≥ +margin":
+    max(p₋, p₊), statsmodels DescrStatsW(d).ttost_mean(−margin, margin) (= ttost_paired).
+
+    Equivalence within the margin is p < α. NaN without a margin or with fewer than two seeds;
+    s_d = 0: 0 when |d̄| < margin, else 1 (every seed moved by the same amount). Source:
+    Schuirmann (1987); Lakens (2017).
+    """
+    x = finite(d)
+    if margin is None or math.isnan(margin) or len(x) < 2:
+        return NAN
+    if x.std(ddof=1) == 0:
+        return 0.0 if abs(x.mean()) < margin else 1.0
+    return float(DescrStatsW(x).ttost_mean(-margin, margin)[0])
 
 
-def verdict(delta: float, p_adj: float, interval: tuple[float, float], margin: float | None,
-            higher_is_better: bool, alpha: float = 0.05) -> str:
+def verdict(delta: float, p_adj: float, p_tost: float, higher_is_better: bool,
+            alpha: float = 0.05) -> str:
     """One of :data:`VERDICTS` for Δ = arm − baseline.
 
     *better*/*worse*: the (Holm-adjusted) p < α, the sign of Δ read through the metric's
-    direction (lower fd_ref is better); else *equivalent within the margin* when TOST's (1 − 2α)
-    interval lies inside ±margin; else *inconclusive*. A difference that is significant and
-    also inside the margin is reported as better/worse: the test comes first.
+    direction (lower fd_ref is better); else *equivalent within the margin* when TOST's p < α
+    (:func:`tost_paired`); else *inconclusive*. A difference that is significant and also inside
+    the margin is reported as better/worse: the test comes first.
     """
     if not math.isnan(p_adj) and p_adj < alpha and delta != 0:
         return "better" if (delta > 0) == bool(higher_is_better) else "worse"
-    return "equivalent within the margin" if equivalent(interval, margin) else "inconclusive"
+    equivalent = not math.isnan(p_tost) and p_tost < alpha
+    return "equivalent within the margin" if equivalent else "inconclusive"
 
 
 def curve_mean(steps: Sequence[float], values: Sequence[float]) -> float:
     """The mean level of a curve: trapezoidal area under value(step) over the step range.
 
-    AUC/(s_max − s_min) = Σ_k (s_{k+1} − s_k)(v_k + v_{k+1})/2 / (s_max − s_min), points sorted
-    by step, NaNs dropped; the same units as the metric, so it compares with the end value.
-    Fewer than two distinct steps: NaN (no curve). Source: the trapezoid rule, e.g. Press et
-    al., *Numerical Recipes*, §4.1.
+    AUC/(s_max − s_min), AUC = Σ_k (s_{k+1} − s_k)(v_k + v_{k+1})/2 (scipy.integrate.trapezoid),
+    points sorted by step, NaNs dropped; the same units as the metric, so it compares with the
+    end value. Fewer than two distinct steps: NaN (no curve). Source: the trapezoid rule, e.g.
+    Press et al., *Numerical Recipes*, §4.1.
     """
-    pts = sorted((float(s), float(v)) for s, v in zip(steps, values)
-                 if not (v is None or math.isnan(v)))
-    if len(pts) < 2 or pts[-1][0] == pts[0][0]:
-        return float("nan")
-    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(pts, pts[1:]))
-    return area / (pts[-1][0] - pts[0][0])
+    pts = np.asarray(sorted((float(s), float(v)) for s, v in zip(steps, values)
+                            if not (v is None or math.isnan(v)))).reshape(-1, 2)
+    if len(pts) < 2 or pts[-1, 0] == pts[0, 0]:
+        return NAN
+    return float(trapezoid(pts[:, 1], pts[:, 0])) / (pts[-1, 0] - pts[0, 0])

@@ -78,6 +78,27 @@ def cost_values(df: pd.DataFrame, metric: str) -> pd.Series:
     return per_trial.groupby(["strategy", *UNIT]).mean()
 
 
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """The CLI's per-strategy summary of one sweep: the held-out metrics of each trial's last
+    evaluation on the reporting split (test when the results have it, else val; evaluations
+    during training are left out), and the mean training cost, each a mean over the strategy's
+    trials (seeds)."""
+    if df.empty:
+        return pd.DataFrame()
+    ok = df[df["status"] == "ok"]
+    split, wanted = held_out_split(df), list(QUALITY)
+    one_sweep = df if "sweep" in df else df.assign(sweep="")  # final_values pairs on (sweep, seed)
+    final = pd.DataFrame({m: final_values(one_sweep, m, split).groupby("strategy").mean()
+                          for m in wanted if (df["metric"] == m).any()})
+    train = ok[ok["split"] == "train"]
+    cost = train[train["metric"].isin(["step_time", "conflict", "cos"])].pivot_table(
+        index="strategy", columns="metric", values="value", aggfunc="mean")
+    seeds = df.groupby("strategy")["seed"].nunique().rename("seeds")
+    status = df.groupby("strategy")["status"].agg(lambda s: ",".join(sorted(set(s)))).rename("status")
+    out = pd.concat([seeds, status, final, cost], axis=1)
+    return out[[c for c in ["seeds", "status", *wanted, "step_time", "cos", "conflict"] if c in out]]
+
+
 def summarise(values: pd.Series, order: Sequence[str], baseline: str) -> list[dict]:
     """mean ± CI per strategy and the paired Δ against ``baseline`` on shared (sweep, seed)."""
     out = []

@@ -30,9 +30,9 @@ import torch
 
 from genrep.posterior import posterior
 from harness.config import load
+from harness.data import resolve_dataset
 from harness.perf.common import TEACHERS, Settings, trial
 from harness.perf.mc import K, classify, heldout, trained_model
-from harness.trial import prepare_data
 
 
 def tv(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -65,12 +65,12 @@ def fidelity(full, pruned, other, y, sharp: float) -> dict[str, float]:
 
 def main() -> None:
     args = sys.argv[1:]
-    settings = Settings(sweep=load(args[2] if len(args) > 2 else "sweeps/smoke.yaml"),
+    settings = Settings(sweep=load(args[2] if len(args) > 2 else "sweeps/smoke.yaml").config,
                         p3b_steps=int(args[0]) if args else 300)
     seeds = int(args[1]) if len(args) > 1 else 3
-    urls = prepare_data(settings.sweep)
-    model, _ = trained_model(settings, urls)
-    x, y = heldout(urls, None)
+    data = resolve_dataset(settings.sweep)
+    model, _ = trained_model(settings, data)
+    x, y = heldout(data, None)
     mc = trial(settings, **TEACHERS["kd"]).method.mc
     prune, sharp = (mc.prune_k, mc.prune_keep), 1.0 / x[0].numel()  # τ = 1/D
     per_seed = []

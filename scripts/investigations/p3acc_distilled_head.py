@@ -31,10 +31,9 @@ import torch
 from genrep.metrics import top1
 from genrep.model import GenRepModel
 from harness.config import load
-from harness.data import make_loader
+from harness.data import forever, make_loader, resolve_dataset
 from harness.perf.common import TEACHERS, Settings, process_group, trial
 from harness.perf.mc import heldout, trained_model
-from harness.trial import prepare_data
 
 
 def head_accuracy(model: GenRepModel, x, y) -> float:
@@ -46,23 +45,21 @@ def head_accuracy(model: GenRepModel, x, y) -> float:
     return acc
 
 
-def finetune(settings: Settings, trained: GenRepModel, overrides: dict[str, Any], urls, x, y,
+def finetune(settings: Settings, trained: GenRepModel, overrides: dict[str, Any], data, x, y,
              steps: int, seed: int) -> dict:
     """``steps`` harness ``sum`` steps from the trained backbone with a fresh head; the teacher
     set up as a trial's worker does (calibration images for ``mc.tau: auto``, class prior)."""
-    from harness import worker
     from harness.step import Shard, make_step
+    from harness.teacher import teacher_inputs
 
-    cfg = trial(settings, "sum", **overrides, **{"deepspeed.zero_stage": 0, "seed": seed})
-    step_fn = make_step(cfg, Shard(0, 1, cfg.train.batch_size), torch.device("cpu"))
-    if hasattr(worker, "prepare_teacher"):  # since the teacher's τ can be fitted (issue 19)
-        worker.prepare_teacher(step_fn, cfg, urls, torch.device("cpu"))
+    cfg, cpu = trial(settings, "sum", **overrides, **{"deepspeed.zero_stage": 0, "seed": seed}), torch.device("cpu")
+    step_fn = make_step(cfg, Shard(0, 1, cfg.train.batch_size), cpu, **teacher_inputs(cfg, data, cpu))
     model, weights = step_fn.net.model, dict(trained.named_parameters())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.startswith("head."):
                 p.copy_(weights[name])
-    batches = worker.forever(make_loader(urls["train"], cfg.train.batch_size, seed=cfg.seed, shuffle_buffer=256))
+    batches = forever(make_loader(data.train, cfg.train.batch_size, seed=cfg.seed, shuffle_buffer=256))
     start = time.perf_counter()
     for step in range(steps):
         step_fn(*next(batches), step)
@@ -72,15 +69,15 @@ def finetune(settings: Settings, trained: GenRepModel, overrides: dict[str, Any]
 def main() -> None:
     args = sys.argv[1:]
     steps, seeds = int(args[0]) if args else 40, int(args[1]) if len(args) > 1 else 5
-    settings = Settings(sweep=load(args[2] if len(args) > 2 else "sweeps/smoke.yaml"))
-    urls = prepare_data(settings.sweep)
-    model, _ = trained_model(settings, urls)
-    x, y = heldout(urls, None)
+    settings = Settings(sweep=load(args[2] if len(args) > 2 else "sweeps/smoke.yaml").config)
+    data = resolve_dataset(settings.sweep)
+    model, _ = trained_model(settings, data)
+    x, y = heldout(data, None)
     acc: dict[str, list[float]] = {"off": [], "default": [], "full": []}
     with process_group():
         for seed in range(seeds):
             for name, teacher in (("off", "off"), ("default", "kd"), ("full", "full")):
-                acc[name].append(finetune(settings, model, TEACHERS[teacher], urls, x, y, steps, seed)["head_acc"])
+                acc[name].append(finetune(settings, model, TEACHERS[teacher], data, x, y, steps, seed)["head_acc"])
     diffs = [100 * (d - f) for d, f in zip(acc["default"], acc["full"])]
     sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
     print(json.dumps({"diff_points": statistics.fmean(diffs), "diff_points_sem": sem,

@@ -209,7 +209,7 @@ def sampled_sweeps(settings: Settings) -> dict[str, dict]:
                 path.write_text(yaml.safe_dump(p5_sweep(settings, Path(tmp), c)))
                 start = time.perf_counter()
                 with CpuSampler() as sampler:
-                    df = run_sweep(path, overwrite=True)
+                    df = run_sweep(load(path), overwrite=True)
                 got["wall"][c] = time.perf_counter() - start
                 if not (df["status"] == "ok").all():
                     raise RuntimeError(f"a trial failed (max_concurrent {c})")
@@ -227,7 +227,7 @@ def main() -> None:
     from p5_two_trainings import two_trainings
 
     args = sys.argv[1:]
-    settings = Settings(sweep=load(args[1] if len(args) > 1 else "sweeps/smoke.yaml"),
+    settings = Settings(sweep=load(args[1] if len(args) > 1 else "sweeps/smoke.yaml").config,
                         p5_steps=int(args[0]) if args else 120)
     warm_reference(settings)
     got = sampled_sweeps(settings)

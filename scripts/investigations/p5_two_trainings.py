@@ -30,7 +30,7 @@ import torch
 import torch.multiprocessing as mp
 
 from harness.config import from_dict, load
-from harness.perf.common import Settings, plain, process_group, synthetic_batch
+from harness.perf.common import Settings, process_group, synthetic_batch
 from harness.perf.steps import build
 
 
@@ -57,7 +57,7 @@ def training_rank(index: int, raw: dict, steps: int, barrier, out: str) -> None:
 def two_trainings(settings: Settings, steps: int) -> dict[str, Any]:
     """The trial's training step alone (twice, one after the other), then two at the same time:
     the serial ÷ concurrent wall and the CPU a step costs together ÷ alone."""
-    ctx, raw = mp.get_context("spawn"), plain(settings.sweep)
+    ctx, raw = mp.get_context("spawn"), settings.sweep.plain()
 
     def run(indices, barrier, tmp):
         procs = [ctx.Process(target=training_rank, args=(i, raw, steps, barrier, tmp)) for i in indices]
@@ -104,7 +104,7 @@ def main() -> None:
 
     args = sys.argv[1:]
     steps, actors = int(args[0]) if args else 40, int(args[1]) if len(args) > 1 else 12
-    settings = Settings(sweep=load(args[2] if len(args) > 2 else "sweeps/smoke.yaml"))
+    settings = Settings(sweep=load(args[2] if len(args) > 2 else "sweeps/smoke.yaml").config)
     bare = two_trainings(settings, steps)
     init_ray()
     try:

@@ -33,7 +33,7 @@ def background(stop, duty: float) -> None:
 
 def main() -> None:
     duty = float(sys.argv[1]) if len(sys.argv) > 1 else 0.15
-    settings = Settings(sweep=load("sweeps/smoke.yaml"))
+    settings = Settings(sweep=load("sweeps/smoke.yaml").config)
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     load_procs = [ctx.Process(target=background, args=(stop, duty)) for _ in range(2)] if duty > 0 else []

@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from harness.config import load
-from harness.perf.common import Settings, plain
+from harness.perf.common import Settings
 from harness.perf.system import p5_sweep, warm_reference
 from p5_cpu_by_role import stat_cpu
 from p5_two_trainings import training_rank
@@ -75,7 +75,7 @@ def run_ray(settings: Settings, probe: threading.Thread) -> None:
             path = Path(tmp) / "c2.yaml"
             path.write_text(yaml.safe_dump(p5_sweep(settings, Path(tmp), 2)))
             probe.start()
-            run_sweep(path, overwrite=True)
+            run_sweep(load(path), overwrite=True)
             probe.join()
     finally:
         ray.shutdown()
@@ -83,7 +83,7 @@ def run_ray(settings: Settings, probe: threading.Thread) -> None:
 
 def run_bare(settings: Settings, steps: int, probe: threading.Thread) -> None:
     ctx = mp.get_context("spawn")
-    barrier, raw = ctx.Barrier(2), plain(settings.sweep)
+    barrier, raw = ctx.Barrier(2), settings.sweep.plain()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=training_rank, args=(i, raw, steps, barrier, tmp)) for i in (0, 1)]
         for p in procs:
@@ -99,7 +99,7 @@ def main() -> None:
     mode = argv.pop(0) if argv and argv[0] in ("ray", "bare") else "ray"
     args = [int(a) for a in argv[:3]]
     steps, at, span = args + [200, 40, 20][len(args):]
-    settings = Settings(sweep=load("sweeps/smoke.yaml"), p5_steps=steps)
+    settings = Settings(sweep=load("sweeps/smoke.yaml").config, p5_steps=steps)
     snaps: list[tuple[float, dict]] = []
 
     def probe() -> None:

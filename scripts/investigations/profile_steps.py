@@ -38,7 +38,7 @@ def profile_table(fn, x, y, steps: int, rows: int) -> str:
 
 def main(steps: int = 8, rows: int = 30) -> None:
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["bare", "sum_off", "genrep_off", "pcgrad_off"]
-    settings = Settings(sweep=load(sys.argv[2] if len(sys.argv) > 2 else "sweeps/smoke.yaml"))
+    settings = Settings(sweep=load(sys.argv[2] if len(sys.argv) > 2 else "sweeps/smoke.yaml").config)
     torch.set_num_threads(settings.threads)
     configs = step_configs(settings)
     configs["sum_off_keep"] = ("harness", trial(settings, "sum", **TEACHERS["off"],

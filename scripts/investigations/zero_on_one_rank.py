@@ -29,7 +29,7 @@ from harness.perf.steps import block_of, build
 
 def main() -> None:
     repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 7
-    settings = Settings(sweep=load(sys.argv[2] if len(sys.argv) > 2 else "sweeps/smoke.yaml"))
+    settings = Settings(sweep=load(sys.argv[2] if len(sys.argv) > 2 else "sweeps/smoke.yaml").config)
     torch.set_num_threads(settings.threads)
     base = trial(settings, "sum", **TEACHERS["off"])
     configs = {"bare": ("bare", base), "stage0": ("harness", base),

@@ -103,3 +103,20 @@ def test_separate_counts_two_networks_of_the_joint_size(group, tmp_path):
     assert cost_counts(step_of(tmp_path, "genrep")) == joint  # every joint arm: the same network
     separate = cost_counts(step_of(tmp_path, "separate"))
     assert separate == {"params_total": 2 * joint["params_total"], "num_networks": 2.0}
+
+
+@pytest.mark.parametrize("strategy", ["genrep", "sum", "gradvac"])
+def test_strategy_options_are_resolved_once_when_the_step_is_built(group, tmp_path, monkeypatch, strategy):
+    """The step checks its strategy's options (defaults filled in) when it is built, never again
+    per step; the resolved options are what the rule then runs with."""
+    raw = tiny_sweep(tmp_path, strategies=[strategy], strategy_options={strategy: {"task_weights": [0.7, 0.3]}},
+                     method={"beta_kd": 0.0})
+    cfg, calls = from_dict(raw).trials()[0], []  # the sweep's validation checks them once, too
+    rule = strategies.get(strategy)
+    checked = rule.check_options
+    monkeypatch.setattr(rule, "check_options", lambda options: calls.append(options) or checked(options))
+    step_fn = make_step(cfg, Shard(0, 1, BATCH), torch.device("cpu"))
+    assert len(calls) == 1 and step_fn.task_weights == (0.7, 0.3)
+    for s in range(3):
+        step_fn(*batch(s), s)
+    assert len(calls) == 1

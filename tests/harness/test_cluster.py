@@ -98,7 +98,7 @@ def test_relative_output_dir_in_a_job_needs_a_storage_root(tmp_path, monkeypatch
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "output_dir": "results/s", "strategies": ["sum"]}))
-    cfg = load(path)
+    cfg = load(path).config
     monkeypatch.delenv("GENREP_STORAGE", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
@@ -116,7 +116,7 @@ def test_relative_output_dir_in_a_job_needs_a_storage_root(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="absolute"):
         resolve_output(cfg, storage="relative/root")
     path.write_text(yaml.safe_dump({"name": "s", "output_dir": str(tmp_path / "abs"), "strategies": ["sum"]}))
-    absolute = load(path)
+    absolute = load(path).config
     assert resolve_output(absolute).output_dir == str(tmp_path / "abs")
 
 
@@ -287,6 +287,7 @@ def test_ray_up_submit_down_on_the_local_launcher(tmp_path, tiny):
 TWO_NODES = """
 import sys, ray
 from ray.cluster_utils import Cluster
+from harness.config import load
 from harness.sweep import run_sweep
 path, dashboard, gcs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 # no node_ip_address=127.0.0.1: the nodes' GCS would then listen on loopback only, while
@@ -296,7 +297,7 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_
 try:
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    run_sweep(path, address=cluster.address)
+    run_sweep(load(path), address=cluster.address)
     alive = [n for n in ray.nodes() if n["Alive"]]
     print("NODES", len(alive), sorted(n["Resources"]["CPU"] for n in alive))
 finally:

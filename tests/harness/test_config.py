@@ -18,7 +18,7 @@ def test_sweeps_exist():
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_every_shipped_sweep_validates(path):
-    cfg = load(path)
+    cfg = load(path).config
     assert cfg.trials(), path
     for trial in cfg.trials():
         assert trial_from_dict(trial.to_dict()) == trial  # crosses Ray as a dict, losslessly
@@ -143,3 +143,74 @@ def test_train_refuses_an_unknown_strategy_before_ray(tmp_path, tiny, capsys):
     assert main(["train", str(write(tmp_path, tiny())), "--strategy", "adam"]) == 2
     err = capsys.readouterr().err
     assert "--strategy: unknown 'adam'" in err and "separate" in err, err
+
+
+def test_plain_is_the_template_that_yaml_writes_and_from_dict_takes_back(tiny):
+    """SweepConfig.plain(): the sweep without grid, variants, search, preregistration and source
+    file, lists for tuples (perf writes it as YAML; check_override re-validates it)."""
+    cfg = from_dict(tiny(grid={"train.lr": [0.001, 0.01]},
+                         variants={"sum_nokd": {"strategy": "sum", "overrides": {"method.beta_kd": 0.0}}}))
+    plain = cfg.plain()
+    assert not {"grid", "variants", "search", "preregistration", "source_file"} & set(plain)
+    assert from_dict(yaml.safe_load(yaml.safe_dump(plain))) == from_dict(tiny())
+
+
+# ---------------------------------------------------------------- one read per command
+class RayStarts(Exception):
+    """Raised where a command would start Ray: the command got that far."""
+
+
+def ray_starts(*args, **kwargs):
+    raise RayStarts
+
+
+def yaml_parses(monkeypatch, path: Path) -> list[str]:
+    """The loader of every YAML parse of ``path``'s text from now on (yaml.safe_load and the other
+    helpers call yaml.load)."""
+    text, parses, real = path.read_text(), [], yaml.load
+
+    def counted(stream, Loader):
+        if stream == text or getattr(stream, "name", None) == str(path):
+            parses.append(Loader.__name__)
+        return real(stream, Loader)
+
+    monkeypatch.setattr(yaml, "load", counted)
+    return parses
+
+
+@pytest.mark.parametrize("command", [["sweep"], ["train", "--strategy", "genrep"], ["validate"]],
+                         ids=lambda c: c[0])
+def test_a_command_parses_the_sweep_file_once(tmp_path, tiny, monkeypatch, command):
+    """validate, and sweep and train up to where Ray starts: one parse, by the loader that refuses
+    duplicate keys; the sweep's resume snapshot is that parse's mapping, not a second read."""
+    import json
+
+    from harness import sweep
+    from harness.cli import main
+
+    monkeypatch.setattr(sweep, "init_ray", ray_starts)
+    path = write(tmp_path, tiny())
+    parses = yaml_parses(monkeypatch, path)
+    argv = [command[0], str(path), *command[1:]]
+    if command[0] == "validate":
+        assert main(argv) == 0
+    else:
+        with pytest.raises(RayStarts):
+            main(argv)
+    assert parses == ["_UniqueKeyLoader"]
+    if command[0] == "sweep":
+        assert json.loads((tmp_path / "out" / "ray" / "sweep.json").read_text()) == tiny()
+
+
+def test_sweep_and_train_refuse_a_duplicate_key_before_ray(tmp_path, tiny, monkeypatch, capsys):
+    """The resume guard once re-read the file with yaml.safe_load, which silently keeps the last of
+    two equal keys; every command now reads it once, through the refusing loader."""
+    from harness import sweep
+    from harness.cli import main
+
+    monkeypatch.setattr(sweep, "init_ray", ray_starts)
+    path = write(tmp_path, yaml.safe_dump(tiny()) + "train: {steps: 1}\n")
+    for argv in (["sweep", str(path)], ["train", str(path), "--strategy", "sum"]):
+        assert main(argv) == 2
+        assert "duplicate key 'train'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

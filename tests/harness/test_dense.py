@@ -10,12 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from harness.config import ConfigError, from_dict, trial_from_dict
-from harness.data import ensure_packed, load_manifest, make_loader, shard_urls
+from harness.data import (ensure_packed, load_manifest, load_masked_split, make_loader, mask_options,
+                          resolve_dataset, shard_urls)
 from harness.evaluate import seg_metrics
-from harness.evaluate_trial import load_masked_split
 from harness.step import Shard, make_step
-from harness.trial import prepare_data
-from harness.worker import mask_options
 from tests.conftest import tiny_sweep
 
 DENSE = {"perception": {"tasks": ["classify", "segment"]}}
@@ -81,15 +79,15 @@ def dense(tmp_path_factory, group):
     tmp = tmp_path_factory.mktemp("dense")
     cfg = from_dict(dense_sweep(tmp, method={"perception": {
         "tasks": ["classify", "segment"], "weights": {"classify": 0.0, "segment": 1.0}}}))
-    urls = prepare_data(cfg)
-    assert urls["mask_classes"] == 11
+    urls = resolve_dataset(cfg)
+    assert urls.mask_classes == 11
     return cfg, urls
 
 
 def one_step(cfg, urls, strategy):
     trial = cfg.trial(strategy, 0)
     step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
-    loader = make_loader(urls["train"], trial.train.batch_size, image_size=8, **mask_options(trial, urls))
+    loader = make_loader(urls.train, trial.train.batch_size, image_size=8, **mask_options(trial, urls))
     x, y, masks = next(iter(loader))
     assert masks.shape == (x.shape[0], 8, 8) and masks.dtype == torch.int64
     net = next(iter(step_fn.networks().values())).model

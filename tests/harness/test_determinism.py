@@ -13,8 +13,9 @@ import torch
 from harness.config import from_dict
 from harness.data import make_loader
 from harness.step import Shard, make_step
-from harness.trial import prepare_data
-from harness.worker import Window, forever, load_checkpoint, prepare_teacher, save_checkpoint
+from harness.data import forever, resolve_dataset
+from harness.teacher import teacher_inputs
+from harness.worker import Window, load_checkpoint, save_checkpoint
 from tests.conftest import tiny_sweep
 
 STEPS = 4
@@ -35,16 +36,16 @@ def sweep(tmp_path_factory, group):
     raw["method"] = {**raw["method"], "mc": {"k": 2, "teacher": "ema"}}
     raw["data"] = {**raw["data"], "shuffle_buffer": 32}
     cfg = from_dict(raw)
-    return cfg, prepare_data(cfg)
+    return cfg, resolve_dataset(cfg)
 
 
 def make_run(cfg, urls, strategy: str, seed: int):
     """A trial's step function and training loader, built as harness.worker.train_loop builds them."""
     trial = cfg.trial(strategy, seed)
     shard = Shard(0, 1, trial.train.batch_size)
-    step_fn = make_step(trial, shard, torch.device("cpu"))
-    prepare_teacher(step_fn, trial, urls, torch.device("cpu"))
-    loader = make_loader(urls["train"], shard.local, seed=trial.seed,
+    step_fn = make_step(trial, shard, torch.device("cpu"),
+                        **teacher_inputs(trial, urls, torch.device("cpu")))
+    loader = make_loader(urls.train, shard.local, seed=trial.seed,
                          shuffle_buffer=trial.data.shuffle_buffer, image_size=trial.data.image_size)
     return step_fn, loader
 
@@ -100,7 +101,7 @@ def test_distillation_term_is_averaged_over_the_whole_batch(sweep):
     cfg, urls = sweep
     trial = apply_overrides(cfg.trial("sum", 0), {"method.beta_kd": 0.5})
     step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
-    x, y = next(forever(make_loader(urls["train"], 8, seed=0)))
+    x, y = next(forever(make_loader(urls.train, 8, seed=0)))
     q = torch.softmax(torch.randn(2, 10, generator=torch.Generator().manual_seed(0)), -1)
     model = step_fn.net.model
     with torch.no_grad():
@@ -122,9 +123,9 @@ def test_one_rank_runs_zero_stage_0_with_the_same_parameters(sweep):
     for keep in (False, True):
         trial = apply_overrides(cfg.trial("sum", 0), {"deepspeed.zero_stage": 1,
                                                      "deepspeed.zero_on_one_rank": keep})
-        step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
-        prepare_teacher(step_fn, trial, urls, torch.device("cpu"))
-        loader = make_loader(urls["train"], trial.train.batch_size, seed=0)
+        step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"),
+                            **teacher_inputs(trial, urls, torch.device("cpu")))
+        loader = make_loader(urls.train, trial.train.batch_size, seed=0)
         assert step_fn.net.engine.zero_optimization_stage() == (1 if keep else 0)
         train(step_fn, loader, 0, 3)
         params[keep] = torch.cat([p.detach().reshape(-1) for p in step_fn.net.model.parameters()])
@@ -142,9 +143,9 @@ def test_reverse_chain_teacher_is_deterministic_and_calibrated(sweep):
     runs = []
     for _ in range(2):
         trial = apply_overrides(cfg.trial("sum", 0), chain)
-        step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
-        prepare_teacher(step_fn, trial, urls, torch.device("cpu"))
-        loader = make_loader(urls["train"], trial.train.batch_size, seed=0)
+        step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"),
+                            **teacher_inputs(trial, urls, torch.device("cpu")))
+        loader = make_loader(urls.train, trial.train.batch_size, seed=0)
         runs.append(train(step_fn, loader, 0, 2))
     assert runs[0] == runs[1]
     first = runs[0][0]
@@ -166,7 +167,7 @@ def test_the_teacher_passes_chain_start_to_its_chain(sweep, monkeypatch):
     trial = apply_overrides(cfg.trial("sum", 0), {
         "method.mc.estimator": "reverse_chain", "method.mc.chain_steps": 6, "method.mc.burn_in": 2,
         "method.mc.thin": 2, "method.mc.chain_start": 300})
-    step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
-    prepare_teacher(step_fn, trial, urls, torch.device("cpu"))
-    train(step_fn, make_loader(urls["train"], trial.train.batch_size, seed=0), 0, 1)
+    step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"),
+                        **teacher_inputs(trial, urls, torch.device("cpu")))
+    train(step_fn, make_loader(urls.train, trial.train.batch_size, seed=0), 0, 1)
     assert seen and all(a[2] == 300 for a in seen)

@@ -91,8 +91,8 @@ def run_rank(rank: int, world: int, port: int, raw: dict, strategies: list[str],
                          "train": {**raw["train"], **extra.get("train", {})},
                          "deepspeed": {"zero_stage": zero}}).trials()[0]
         shard = Shard(rank, world, GLOBAL_BATCH // world)
-        step_fn = make_step(cfg, shard, torch.device("cpu"))
-        step_fn.calibration = global_batches(1)[0]  # method.mc.tau: auto fits τ on every rank alike
+        # method.mc.tau: auto fits τ on the same images on every rank
+        step_fn = make_step(cfg, shard, torch.device("cpu"), calibration=global_batches(1)[0])
         tel = []
         for step, (x, y) in enumerate(global_batches(STEPS)):
             tel.append(step_fn(shard.take(x), shard.take(y), step))

@@ -62,26 +62,26 @@ def test_trial_reports_on_test_with_guidance_chosen_on_val(tmp_path_factory, gro
     fd_ref on val (recomputed here from the val split), τ fitted on val calibration images, and
     the choice's forwards in eval_network_evals."""
     from harness.evaluate import choose_guidance, eval_mode, reference_classifier, sample_metrics
-    from harness.evaluate_trial import evaluate_trial, load_split
+    from harness.data import load_split, resolve_dataset
+    from harness.evaluate_trial import evaluate_trial
     from harness.step import Shard, make_step
-    from harness.trial import prepare_data
-    from harness.worker import prepare_teacher
+    from harness.teacher import teacher_inputs
 
     tmp = tmp_path_factory.mktemp("evalsplit")
     cfg = from_dict(sweep(tmp, split="test", guidance_scale="auto", guidance_choices=[1.0, 3.0],
                           mc_images="all"))
-    urls = prepare_data(cfg)
+    data = resolve_dataset(cfg)
     trial = cfg.trial("sum", 0)
-    step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
-    prepare_teacher(step_fn, trial, urls, torch.device("cpu"))
-    val_x, val_y = load_split(urls["val"])
-    test_x, _ = load_split(urls["test"])
+    step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"),
+                        **teacher_inputs(trial, data, torch.device("cpu")))
+    val_x, val_y = load_split(data.val)
+    test_x, _ = load_split(data.test)
     # τ: auto fits on the first calibrate_images of val, never on the reporting split
-    torch.testing.assert_close(step_fn.calibration[0], val_x[: trial.method.mc.calibrate_images])
-    out = evaluate_trial(step_fn, trial, urls, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
+    torch.testing.assert_close(step_fn.teacher.calibration[0], val_x[: trial.method.mc.calibrate_images])
+    out = evaluate_trial(step_fn, trial, data, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
 
     # the cached reference classifier that evaluate_trial trained (no data needed to load it)
-    ref, info = reference_classifier(Path(urls["cache"]) / "reference", urls["key"],
+    ref, info = reference_classifier(Path(data.cache) / "reference", data.key,
                                      None, None, None, None, seed=0)
     assert info["ref_val_n"] == len(val_y)  # its own accuracy is on val, whichever split reports
     gen = step_fn.networks()["joint"].model

@@ -121,6 +121,7 @@ def run_sweep_with(tmp_path, tiny, monkeypatch, name: str, env: dict[str, str], 
     metrics attached to retained checkpoints, while Tune receives every report."""
     import ray
 
+    from harness.config import load
     from harness.sweep import init_ray, run_sweep
 
     for key, value in env.items():
@@ -132,7 +133,7 @@ def run_sweep_with(tmp_path, tiny, monkeypatch, name: str, env: dict[str, str], 
     ray.shutdown()
     init_ray()
     try:
-        run_sweep(path)
+        run_sweep(load(path))
     finally:
         ray.shutdown()
         for key in env:

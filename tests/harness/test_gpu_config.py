@@ -19,7 +19,7 @@ GPU_SWEEP = ROOT / "sweeps" / "gpu_multinode.yaml"
 
 @pytest.fixture(scope="module")
 def gpu_trials():
-    return load(GPU_SWEEP).trials()
+    return load(GPU_SWEEP).config.trials()
 
 
 def with_sections(trial, **sections):

@@ -118,17 +118,16 @@ def group(gloo_group):
 def test_a_step_on_a_quarter_of_the_labels(group, tmp_path, tiny_data_root, strategy):
     """The worker's loader and step (harness.worker.train_loop's pieces): unlabelled rows reach
     the teacher and generation (∅), not L_ce; the logged accuracy is over the labelled rows."""
+    from harness.data import resolve_dataset
     from harness.step import Shard, make_step
-    from harness.trial import prepare_data
-    from harness.worker import prepare_teacher
+    from harness.teacher import teacher_inputs
 
     raw = tiny_sweep(tmp_path, tiny_data_root, strategies=[strategy],
                      data={"labelled_fraction": 0.25, "label_seed": 0}, train={"batch_size": 16})
     cfg = from_dict(raw)
-    trial, urls = cfg.trials()[0], prepare_data(cfg)
-    step_fn = make_step(trial, Shard(0, 1, 16), torch.device("cpu"))
-    prepare_teacher(step_fn, trial, urls, torch.device("cpu"))
-    loader = make_loader(urls["train"], 16, seed=trial.seed, image_size=8,
+    trial, data = cfg.trials()[0], resolve_dataset(cfg)
+    step_fn = make_step(trial, Shard(0, 1, 16), torch.device("cpu"), **teacher_inputs(trial, data, torch.device("cpu")))
+    loader = make_loader(data.train, 16, seed=trial.seed, image_size=8,
                          labelled_fraction=trial.data.labelled_fraction, label_seed=trial.data.label_seed)
     for step, (x, y) in zip(range(2), loader):
         out = step_fn(x, y, step)

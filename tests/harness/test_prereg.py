@@ -10,6 +10,9 @@ steps 0, 10 and 20; primary head_acc ↑ (margin 0.01) and fd_ref ↓ (margin 2)
             pcgrad [13, 15.1, 16.9]       d = [3, 3.1, 2.9]: d̄ 3, s .1, t = 30√3 = 51.96
 Two-sided p of the paired t with n − 1 = 2 degrees of freedom: p = 1 − t/√(2 + t²) (A&S 26.7.4).
 Holm over m = 4: sorted p (0, p_pf, p_gh, 1) → (4·0, 3·p_pf, 2·p_gh, 1·1), running max, cap 1.
+Power of the two-sided paired t with 2 df at noncentrality δ = d·√n, in closed form (below):
+1 − (1 − α)·exp(−δ²(1 − (1 − α)²)/2), so the MDE at n = 3 is solved by hand.
+The library calls (scipy.stats, statsmodels) are checked against these hand values.
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ from harness.report import build_report, load
 from harness.report.paper import ablation_table, direction_table, format_ablation, format_direction
 from harness.report.prereg import (auc_table, format_auc, format_prereg, paired, preregistration,
                                    prereg_table)
-from harness.report.stats import (VERDICTS, curve_mean, holm, mde_paired, paired_t_test, t_cdf,
-                                  t_quantile, tost_interval, verdict)
+from harness.report.stats import (VERDICTS, curve_mean, holm, mde_paired, paired_t_test,
+                                  seeds_for_mde, t_quantile, t_test_power, tost_interval,
+                                  tost_paired, verdict)
 from tests.conftest import ROOT
 
 HEAD = {"sum": [0.70, 0.80, 0.90], "genrep": [0.72, 0.84, 0.96], "pcgrad": [0.701, 0.799, 0.90]}
@@ -49,16 +53,18 @@ def p_df2(t: float) -> float:
 
 # ---------------------------------------------------------------- the maths, by hand
 def test_t_distribution_closed_forms():
-    assert t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + arctan(1)/π
-    assert t_cdf(2.0, 2) == pytest.approx(0.5 + 2 / (2 * math.sqrt(6)))  # 1/2 + t/(2√(2+t²))
-    assert t_cdf(math.sqrt(3), 3) == pytest.approx(0.5 + 0.25 + 1 / (2 * math.pi))  # θ = π/4
-    assert t_cdf(-2.0, 2) == pytest.approx(1 - t_cdf(2.0, 2)) and t_cdf(0.0, 7) == 0.5
-    # df = 2 quantile in closed form: t_q = a√2/√(1 − a²), a = 2q − 1
-    assert t_quantile(2, 0.8, use_scipy=False) == pytest.approx(0.6 * math.sqrt(2) / 0.8)
-    scipy = pytest.importorskip("scipy.stats")
-    for df in (1, 2, 3, 4, 5, 8, 13):
-        for x in (-4.1, -0.3, 0.9, 2.2, 30.0):
-            assert t_cdf(x, df) == pytest.approx(scipy.t.cdf(x, df), abs=1e-12)
+    """scipy's quantiles and the two-sided p of the paired t against Abramowitz & Stegun 26.7.3/4:
+    P(|T| ≤ t) = A(t|ν), θ = arctan(t/√ν); ν = 1: 2θ/π; ν = 2: sin θ; ν = 3: (2/π)(θ + sin θ cos θ)."""
+    # quantiles: ν = 1, t_q = tan(π(q − 1/2)); ν = 2, t_q = a√2/√(1 − a²), a = 2q − 1
+    assert t_quantile(1, 0.975) == pytest.approx(math.tan(0.475 * math.pi))  # 12.706
+    assert t_quantile(2, 0.8) == pytest.approx(0.6 * math.sqrt(2) / 0.8)
+    assert math.isnan(t_quantile(0))
+    # ν = 1: d = [0, 2], d̄ 1, s √2, t = 1: p = 1 − 2·(π/4)/π = 1/2
+    assert paired_t_test([0.0, 2.0])["p"] == pytest.approx(0.5)
+    # ν = 3: d = [0, 0, 0, 4], d̄ 1, s 2, t = 1, θ = π/6: p = 1 − (2/π)(π/6 + √3/4) = 2/3 − √3/(2π)
+    r = paired_t_test([0.0, 0.0, 0.0, 4.0])
+    assert r["t"] == pytest.approx(1.0) and r["p"] == pytest.approx(2 / 3 - SQ3 / (2 * math.pi))
+    assert paired_t_test([-0.02, -0.04, -0.06])["p"] == pytest.approx(p_df2(2 * SQ3))  # two-sided
 
 
 def test_paired_t_test_by_hand():
@@ -82,14 +88,51 @@ def test_holm_textbook_example():
     assert adj[0] == pytest.approx(0.02) and math.isnan(adj[1])
 
 
-def test_mde_formula():
-    # (t_{.975,2} + t_{.8,2})·s/√n with the df = 2 closed form t_q = a√2/√(1 − a²)
-    t975, t80 = 0.95 * math.sqrt(2) / math.sqrt(1 - 0.95**2), 0.6 * math.sqrt(2) / 0.8
-    assert (t975, t80) == (pytest.approx(4.302653, abs=1e-6), pytest.approx(1.060660, abs=1e-6))
-    assert mde_paired(0.02, 3) == pytest.approx((t975 + t80) * 0.02 / SQ3)  # 0.06193
-    assert mde_paired(0.02, 3) == pytest.approx(0.061930, abs=1e-6)
+def power_df2(delta: float, alpha: float = 0.05) -> float:
+    """Exact power of the two-sided t test with 2 df at noncentrality δ, by hand.
+
+    T' = (Z + δ)/√W, W = χ²₂/2 ~ Exp(1): P(|T'| > c) = 1 − E[exp(−(Z + δ)²/c²)]
+    = 1 − exp(−aδ²/(1 + 2a))/√(1 + 2a), a = 1/c² (the noncentral χ²₁ moment generating
+    function); with c = t_{1−α/2,2}, c² = 2k²/(1 − k²), k = 1 − α, this is 1 − k·exp(−δ²(1 − k²)/2).
+    """
+    k = 1 - alpha
+    return 1 - k * math.exp(-delta**2 * (1 - k * k) / 2)
+
+
+def sm_power(d: float, n: int, alpha: float = 0.05) -> float:
+    """The same power from statsmodels (an independent implementation; finite at these d)."""
+    from statsmodels.stats.power import TTestPower
+
+    return float(TTestPower().power(d, n, alpha, alternative="two-sided"))
+
+
+def test_mde_exact_power():
+    # n = 3, power 0.8: 1 − 0.95·exp(−0.0975·δ²/2) = 0.8 → δ² = 2·ln(0.95/0.2)/0.0975 = 31.962,
+    # δ = 5.6535, MDE = δ·s/√n = 5.6535·0.02/√3 = 0.065281. The old approximation
+    # (t_{.975,2} + t_{.8,2})·s/√n = (4.302653 + 1.060660)·0.02/√3 = 0.061930 was 5% too small:
+    # it ignored that the noncentral t is wider than a shifted central one.
+    delta = math.sqrt(2 * math.log(0.95 / 0.2) / 0.0975)
+    assert power_df2(0.0) == pytest.approx(0.05)  # no effect: the test's level
+    assert power_df2(delta) == pytest.approx(0.8)
+    assert mde_paired(0.02, 3) == pytest.approx(delta * 0.02 / SQ3, rel=1e-6)
+    assert mde_paired(0.02, 3) == pytest.approx(0.065281, abs=1e-6)
+    assert sm_power(mde_paired(0.02, 10) / 0.02, 10) == pytest.approx(0.8, abs=1e-6)
+    for d, n, alpha in ((3.0, 3, 0.05), (1.0, 10, 0.05), (0.5, 34, 0.01), (2.0, 5, 0.1)):
+        assert t_test_power(d, n, alpha) == pytest.approx(sm_power(d, n, alpha), abs=1e-9)
+    assert mde_paired(1.0, 3, 0.01) > 7.2  # statsmodels' solve_power stops short here (d = 7.17)
+    assert t_test_power(40.0, 2, 0.01) > 0.5  # statsmodels' power is NaN here (lower tail)
     assert mde_paired(0.02, 12) < mde_paired(0.02, 3)  # more seeds: a smaller detectable effect
-    assert math.isnan(mde_paired(0.02, 1))
+    assert math.isnan(mde_paired(0.02, 1)) and math.isnan(mde_paired(float("nan"), 5))
+
+
+def test_seeds_for_mde():
+    assert seeds_for_mde(0.02, mde_paired(0.02, 3)) == 3  # the inverse of the MDE, at n = 3
+    assert seeds_for_mde(0.02, mde_paired(0.02, 7, 0.01, 0.9), 0.01, 0.9) == 7
+    n = seeds_for_mde(0.02, 0.01)  # the docs' example: s_d 0.02, Δ 0.01 → 34 seeds
+    assert sm_power(0.5, n) >= 0.8 > sm_power(0.5, n - 1) and n == 34
+    assert seeds_for_mde(0.0, 0.01) == 2 and seeds_for_mde(0.02, 1.0) == 2  # huge effect: the floor
+    with pytest.raises(ValueError, match="mde > 0"):
+        seeds_for_mde(0.02, 0.0)
 
 
 def test_tost_cases():
@@ -97,20 +140,32 @@ def test_tost_cases():
     lo, hi = tost_interval(0.04, 0.02, 3, alpha=0.05)  # the 90% interval
     assert (lo, hi) == (pytest.approx(0.04 - t95 * 0.02 / SQ3), pytest.approx(0.04 + t95 * 0.02 / SQ3))
     assert (lo, hi) == (pytest.approx(0.006283, abs=1e-6), pytest.approx(0.073717, abs=1e-6))
-    assert verdict(0.04, 0.5, (lo, hi), 0.08, True) == "equivalent within the margin"  # inside ±0.08
-    assert verdict(0.04, 0.5, (lo, hi), 0.05, True) == "inconclusive"  # 0.0737 > 0.05
-    assert verdict(0.04, 0.5, (-0.01, 0.01), 0.01, True) == "inconclusive"  # on the edge: not inside
-    assert verdict(0.0, 0.5, (lo, hi), None, True) == "inconclusive"  # no margin: no equivalence
+    # TOST p = max over the one-sided tests; the binding one is Δ ≥ +margin, t = (d̄ − m)/(s/√3):
+    # margin 0.08: t = −2√3, p = P(T₂ ≤ −2√3) = p_df2(2√3)/2 = 0.0371 < α (interval inside ±0.08)
+    d = [0.02, 0.04, 0.06]
+    assert tost_paired(d, 0.08) == pytest.approx(p_df2(2 * SQ3) / 2)
+    # margin 0.05: t = −√3/2, p = p_df2(√3/2)/2 = 0.239 (the interval reaches 0.0737 > 0.05)
+    assert tost_paired(d, 0.05) == pytest.approx(p_df2(SQ3 / 2) / 2)
+    assert tost_paired(d, hi) == pytest.approx(0.05)  # margin on the interval's edge: p = α, not < α
+    assert math.isnan(tost_paired(d, None)) and math.isnan(tost_paired([0.1], 1.0))
+    assert tost_paired([-3.0] * 3, 2.0) == 1.0 and tost_paired([0.5, 0.5], 1.0) == 0.0  # s = 0
+    # the two forms of TOST agree: p < α exactly when the (1 − 2α) interval is inside ±margin
+    for m in (0.03, 0.06, 0.07, 0.074, 0.08, 0.2):
+        assert (tost_paired(d, m) < 0.05) == (-m < lo and hi < m), m
+    assert verdict(0.04, 0.5, tost_paired(d, 0.08), True) == "equivalent within the margin"
+    assert verdict(0.04, 0.5, tost_paired(d, 0.05), True) == "inconclusive"
+    assert verdict(0.04, 0.5, 0.05, True) == "inconclusive"  # TOST p = α: not equivalent
+    assert verdict(0.0, 0.5, tost_paired(d, None), True) == "inconclusive"  # no margin
 
 
 def test_verdict_cases_and_sign_flip():
-    inside = (-0.001, 0.001)
-    assert verdict(+0.04, 0.01, inside, 0.01, True) == "better"  # higher is better, Δ > 0
-    assert verdict(-0.04, 0.01, inside, 0.01, True) == "worse"
-    assert verdict(+3.0, 0.01, (2.0, 4.0), 2.0, False) == "worse"  # fd_ref ↓: a rise is worse
-    assert verdict(-3.0, 0.01, (-4.0, -2.0), 2.0, False) == "better"
-    assert verdict(+0.04, 0.05, inside, 0.01, True) == "equivalent within the margin"  # p = α: no
-    assert verdict(+0.04, float("nan"), (float("nan"),) * 2, 0.01, True) == "inconclusive"
+    inside = 0.001  # TOST p: equivalent within the margin
+    assert verdict(+0.04, 0.01, inside, True) == "better"  # higher is better, Δ > 0
+    assert verdict(-0.04, 0.01, inside, True) == "worse"
+    assert verdict(+3.0, 0.01, 1.0, False) == "worse"  # fd_ref ↓: a rise is worse
+    assert verdict(-3.0, 0.01, 1.0, False) == "better"
+    assert verdict(+0.04, 0.05, inside, True) == "equivalent within the margin"  # p = α: no
+    assert verdict(+0.04, float("nan"), float("nan"), True) == "inconclusive"
     assert set(VERDICTS) == {"better", "worse", "equivalent within the margin", "inconclusive"}
 
 
@@ -245,7 +300,7 @@ def test_prereg_table_by_hand(table):
     assert gh["delta"] == pytest.approx(0.04) and gh["n"] == 3
     assert gh["ci95"] == pytest.approx(4.302653 * 0.02 / SQ3, abs=1e-6)
     assert gh["p"] == pytest.approx(p_df2(2 * SQ3))
-    assert gh["mde"] == pytest.approx(0.061930, abs=1e-6)
+    assert gh["mde"] == pytest.approx(0.065281, abs=1e-6)  # exact power, test_mde_exact_power
     assert gh["tost_lo"] == pytest.approx(0.006283, abs=1e-6)
     assert gh["tost_hi"] == pytest.approx(0.073717, abs=1e-6)
     assert gf["p"] == 0.0 and pf["p"] == pytest.approx(p_df2(30 * SQ3))
@@ -256,8 +311,12 @@ def test_prereg_table_by_hand(table):
     assert gf["verdict"] == "better"  # fd_ref fell by 3 on every seed: lower is better
     assert pf["verdict"] == "worse"  # fd_ref rose by 3
     assert gh["verdict"] == "inconclusive"  # p (Holm) 0.148; the 90% CI reaches 0.074 > 0.01
-    # pcgrad head_acc: s = 0.001, 90% CI ±t_{.95,2}·0.001/√3 = ±0.00169 inside ±0.01
+    # pcgrad head_acc: s = 0.001, 90% CI ±t_{.95,2}·0.001/√3 = ±0.00169 inside ±0.01; TOST's
+    # binding t = (0.01 − 0)/(0.001/√3) = 10√3, p = p_df2(10√3)/2 = 0.00166
     assert ph["verdict"] == "equivalent within the margin"
+    assert ph["p_tost"] == pytest.approx(p_df2(10 * SQ3) / 2, rel=1e-6)
+    # genrep head_acc: d̄ = 0.04 above +0.01: t = (0.04 − 0.01)/(0.02/√3) = 1.5√3, p = P(T₂ ≤ 1.5√3)
+    assert gh["p_tost"] == pytest.approx(1 - p_df2(1.5 * SQ3) / 2)
 
 
 def test_format_prereg(table, p):
@@ -265,7 +324,7 @@ def test_format_prereg(table, p):
     row = t[t["metric"] == "fd_ref ↓"].loc["genrep − sum"]
     assert (row["p"], row["p (Holm)"], row["verdict"], row["margin"]) == ("<0.001", "<0.001", "better", "±2")
     assert t[t["metric"] == "head_acc ↑"].loc["genrep − sum", "Δ ± 95% CI"] == "+0.040 ± 0.050"
-    assert t[t["metric"] == "head_acc ↑"].loc["genrep − sum", "MDE (power 0.8)"] == "0.0619"
+    assert t[t["metric"] == "head_acc ↑"].loc["genrep − sum", "MDE (power 0.8)"] == "0.0653"
 
 
 def test_fewer_paired_seeds_than_registered_is_stated(p):

@@ -14,7 +14,8 @@ import yaml
 
 from harness import results
 from harness.config import ConfigError, from_dict, load
-from harness.trial import prepare_data, resolve, trial_name, url_patterns
+from harness.data import resolve_dataset, url_patterns
+from harness.trial import resolve, trial_name
 from tests.conftest import ROOT
 
 SPACE = {"strategy.options.damping": {"type": "float", "low": 0.0, "high": 1.0},
@@ -142,21 +143,22 @@ def test_url_pattern_substitutes_only_split_and_keeps_brace_ranges():
     assert url_patterns(per_split) == per_split
 
 
-def test_prepare_data_with_url_patterns_streams_every_split(tmp_path, tiny):
+def test_resolve_dataset_with_url_patterns_streams_every_split(tmp_path, tiny):
     """Packed digits addressed by a brace pattern: each split expands and the evaluation's dataset
     key is a stable name (the reference classifier's cache key)."""
     from harness.data import load_manifest, make_loader
 
     packed = from_dict(tiny())
-    local = prepare_data(packed)
-    manifest = load_manifest(Path(local["train"][0]).parent / "manifest.json")
+    local = resolve_dataset(packed)
+    manifest = load_manifest(local.manifest)
     n = {s: len(manifest.split(s).shards) for s in ("train", "val", "test")}
-    root = Path(local["train"][0]).parent
+    root = Path(local.train[0]).parent
     mapping = {s: f"file://{root}/{s}-{{{0:05d}..{n[s] - 1:05d}}}.tar" for s in n}
-    urls = prepare_data(from_dict(tiny(data={"urls": mapping})))
-    assert urls["key"] == prepare_data(from_dict(tiny(data={"urls": dict(mapping)})))["key"]
+    urls = resolve_dataset(from_dict(tiny(data={"urls": mapping})))
+    assert urls.key == resolve_dataset(from_dict(tiny(data={"urls": dict(mapping)}))).key
+    assert urls.class_counts is None and urls.manifest is None  # no manifest behind URLs
     for split in n:
-        loader = make_loader(urls[split], 64, shuffle_buffer=0, drop_last=False, shuffle_shards=False)
+        loader = make_loader(urls.urls(split), 64, shuffle_buffer=0, drop_last=False, shuffle_shards=False)
         assert sum(len(x) for x, _ in loader) == manifest.split(split).count, split
 
 

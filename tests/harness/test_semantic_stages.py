@@ -40,9 +40,8 @@ def batch(step: int, n: int = 8):
 
 
 def build(cfg):
-    step_fn = make_step(cfg, Shard(0, 1, cfg.train.batch_size), torch.device("cpu"))
-    step_fn.calibration = batch(-1)  # method.mc.tau: auto fits τ on labelled images
-    return step_fn
+    # method.mc.tau: auto fits τ on labelled images
+    return make_step(cfg, Shard(0, 1, cfg.train.batch_size), torch.device("cpu"), calibration=batch(-1))
 
 
 def run(step_fn, start: int, stop: int) -> list[dict[str, float]]:

@@ -29,12 +29,12 @@ def sweep_with_everything(tiny):
 
 def no_sweep_checks(monkeypatch):
     """Make any sweep-level validation (strategies, options, model, combinations) fail loudly."""
-    from harness import config
+    from harness.config import checks
 
     def boom(*args):
         raise AssertionError("the sweep was validated again")
 
-    monkeypatch.setattr(config, "_cross_checks", boom)
+    monkeypatch.setattr(checks, "cross_checks", boom)
 
 
 def test_trials_resolve_shipped_arms_to_the_drivers_configs_without_revalidating(tiny, monkeypatch):
@@ -66,11 +66,12 @@ def test_run_trial_hands_its_workers_the_resolved_config(tiny, monkeypatch, tmp_
     monkeypatch.setattr(ray.tune, "get_context",
                         lambda: types.SimpleNamespace(get_trial_dir=lambda: str(tmp_path)))
     fitted = []
-    monkeypatch.setattr(trial, "fit", lambda c, urls, storage, name, in_tune: fitted.append((c, name)))
+    monkeypatch.setattr(trial, "fit", lambda c, data, storage, name, in_tune, trial_dir:
+                        fitted.append((c, data, name, trial_dir)))
     trial.run_trial({"variant": "genrep_nokd", "seed": 1, "overrides": {"train.lr": 0.01}}, arms,
                     {"train": []}, str(tmp_path))
     want = cfg.arm("genrep_nokd", 1, {"train.lr": 0.01})
-    assert fitted == [(want, f"train-{trial.trial_name(want)}")]
+    assert fitted == [(want, {"train": []}, f"train-{trial.trial_name(want)}", str(tmp_path))]
     assert trial_from_dict(want.to_dict()) == want  # what the worker does with it
 
 
