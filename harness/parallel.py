@@ -8,7 +8,7 @@ The maths (draws, losses, strategies) is genrep's and knows nothing of ranks; th
 (harness.step) asks this module for everything that involves more than one process. The
 DeepSpeed engine API is touched only here and in harness.engine (which builds the engine).
 
-Why W workers equal 1 worker exactly (tests/harness/test_distributed.py): randomness is drawn for
+Why W workers equal 1 worker exactly (tests/harness/test_parallel.py): randomness is drawn for
 the global batch from generators seeded by (seed, step, stream) and each rank takes its rows; the
 strategies' weights come from the global Gram matrix; each rank combines its *local* gradients
 with those global weights, and the engine's averaging gives w_p·ḡ_p + w_g·ḡ_g.

@@ -72,18 +72,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     shard = Shard(rank, world, cfg.train.batch_size // world)
     step_fn = make_step(cfg, shard, device, **teacher_inputs(cfg, dataset, device))
     loader = train_loader(cfg, dataset, shard.local, rank, world)
-
-    def evaluate(step: int | None = None) -> dict[str, float]:
-        """Held-out metrics (rank 0 scores, the others wait); ``step``: one during training."""
-        return evaluate_trial(step_fn, cfg, dataset, shard, device, step, config.get("trial_dir"))
-
+    trial_dir = config.get("trial_dir")  # where the evaluations' sample grids go
     # timed: the whole run's means (the final report's step_time and mc_evals), checkpointed so
     # that a resumed trial reports the means of every step, not of its last attempt's
     batches, window, timed = forever(loader), Window(), Window()
     start = restore(step_fn, loader, timed)
     for step in range(start, cfg.train.steps):
         if due_evaluation(cfg, step):  # after `step` steps; a resumed trial repeats it (same values)
-            row = {**evaluate(step), "step": step, "split": cfg.eval.split}
+            held_out = evaluate_trial(step_fn, cfg, dataset, shard, device, step, trial_dir)
+            row = {**held_out, "step": step, "split": cfg.eval.split}
             report(row, step_fn, loader, step, timed, checkpoint=False)
         x, y, *masks = next(batches)  # (images, labels[, masks]): masks with a segment task
         x = inject_faults(cfg, step, x, rank)
@@ -100,7 +97,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                    "skipped_samples": float(loader.skipped)}
             report(row, step_fn, loader, done, timed, due_checkpoint(cfg, done))
             window = Window()
-    final = {**evaluate(), **timed.means(), "step": cfg.train.steps, "split": cfg.eval.split, "done": True}
+    final = evaluate_trial(step_fn, cfg, dataset, shard, device, trial_dir=trial_dir)  # rank 0 scores
+    final = {**final, **timed.means(), "step": cfg.train.steps, "split": cfg.eval.split, "done": True}
     report(final, step_fn, loader, cfg.train.steps, timed, checkpoint=False)
     parallel.barrier()
     return final

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The report's headless-browser test (tests/harness/test_report.py) needs Debian's chromium;
+# The report's headless-browser test (tests/harness/report/test_report.py) needs Debian's chromium;
 # installed here when it is missing and we can (root with apt-get), otherwise that test skips.
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \

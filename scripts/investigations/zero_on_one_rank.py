@@ -9,7 +9,7 @@ stage kept (``deepspeed.zero_on_one_rank: true``).
 
 Conclusion (2026-12-01, 2-core Intel Xeon, ZeRO-1 in the sweep): kept 1.054 (1.066 in the full
 run of that day, paired rounds 1.02-1.13, over P1's 1.05), stage 0 1.022, with the same
-parameters to 1e-6 (tests/harness/test_determinism.py) and 65 MiB less RSS (590 vs 655 MiB
+parameters to 1e-6 (tests/harness/test_worker.py) and 65 MiB less RSS (590 vs 655 MiB
 peak). ZeRO's partition bookkeeping is O(parameters) per step (profile_steps.py) and partitions
 nothing on one rank, so one rank runs stage 0; trials with several workers keep their stage.
 

@@ -5,7 +5,7 @@
 - (slow, Ray) a Train worker SIGKILLed mid-trial restarts from its last checkpoint and ends with
   bitwise the metrics of an undisturbed run: a two-stage semantic trial killed once in each stage;
 - (slow, Ray) a trial whose loss turns NaN fails with the reason and the sweep goes on:
-  tests/harness/test_resume.py, beside the other failing trial.
+  tests/harness/test_sweep_resume.py, beside the other failing trial.
 
 The fault hooks are environment variables read by harness.worker (GENREP_FAULT_*; see
 docs/reliability.md).
@@ -160,8 +160,8 @@ def test_killed_worker_resumes_from_checkpoint_to_identical_metrics(tmp_path, ti
     killed twice: before step 5, in stage 1 (it resumes from the step-4 checkpoint, before the
     switch at 6 makes the semantic copy), and before step 10, in
     stage 2 (from the step-8 checkpoint, which holds it); its held-out loss and samples read that
-    copy (tests/harness/test_semantic_stages.py compares the weights). One-stage arms resume
-    through the same code (in process: tests/harness/test_determinism.py).
+    copy (tests/harness/test_step_semantic.py compares the weights). One-stage arms resume
+    through the same code (in process: tests/harness/test_worker.py).
     """
     sections = dict(strategies=["genrep"], variants={"killed": {"strategy": "genrep"}},
                     train={"steps": 12, "log_every": 2, "checkpoint_every": 4, "stage1_steps": 6},

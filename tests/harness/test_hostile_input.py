@@ -1,7 +1,7 @@
 """Hostile or broken input: each is a clear error naming what and where, and nothing is written.
 
-Complements tests/harness/test_config.py (unknown keys, wrong types, bad ranges, malformed and
-unsafe YAML) and tests/harness/test_data.py (truncated shards, bad checksums, missing labels,
+Complements tests/harness/config/test_config.py (unknown keys, wrong types, bad ranges, malformed and
+unsafe YAML) and tests/harness/data/test_data.py (truncated shards, bad checksums, missing labels,
 non-image payloads, a corrupt mask in a packed shard): only what those do not cover is here
 (hostile image and mask payloads: bombs, wrong sizes and modes, out-of-range class values).
 The network exposure of the embedded Ray cluster is at the end (slow: it starts Ray).

@@ -137,4 +137,4 @@ def test_a_step_on_a_quarter_of_the_labels(group, tmp_path, tiny_data_root, stra
 
 
 # A real Ray Train trial with a quarter of the labels, over two simulated nodes:
-# tests/harness/test_cluster.py::test_two_node_cluster_strict_spread_trial.
+# tests/harness/test_cli_cluster.py::test_two_node_cluster_strict_spread_trial.

@@ -37,6 +37,15 @@ def venv_env() -> dict[str, str]:
             "RAY_TRAIN_V2_ENABLED": "1", "RAY_AUTH_MODE": "token"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def auth_token():
+    """~/.ray/auth_token, made if missing: with RAY_AUTH_MODE=token, `ray start --head` exits 1
+    and `ray up` cannot copy the token to its head without one (seen on a fresh machine, where
+    no embedded ray.init had made it yet)."""
+    subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"], env=venv_env(),
+                   capture_output=True, check=True, timeout=120)
+
+
 def start_head(temp_dir: str, gcs: int, dashboard: int) -> subprocess.Popen:
     args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
