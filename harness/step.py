@@ -57,7 +57,8 @@ class Network:
         self.model: GenRepModel = build_model(cfg.model_config(), seed=seed).to(device)
         self.engine = ds.make_engine(self.model, cfg, world)
         # the EMA copy serves only as the teacher: none without one (β = 0), no copy to update
-        ema = cfg.method.mc.teacher == "ema" and cfg.method.beta_kd > 0
+        mc = cfg.method.mc  # method.mc.source: self distils the EMA head's own predictions
+        ema = (mc.teacher == "ema" or mc.source == "self") and cfg.method.beta_kd > 0
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema else None
         self.decay = cfg.method.ema_decay
         # the semantic network (method.semantic on): an EMA copy of this network, read only through
@@ -296,7 +297,9 @@ class SeparateStep(Step):
         return {"perception": self.perc, "generation": self.gen}
 
     def __call__(self, x, y, step: int, masks=None) -> dict[str, Any]:
-        q, mq = self.teacher.probs(self.gen.teacher(), x, step)
+        # the Bayes teacher reads the generation network; the self-training control the head's EMA
+        source = self.perc if self.cfg.method.mc.source == "self" else self.gen
+        q, mq = self.teacher.probs(source.teacher(), x, step)
         loss_p, mp = self.perception_loss(self.perc.model, x, y, q, masks)
         loss_g, mg = self.generation_loss(self.gen.model, x, y, step)
         check_finite(step, loss_perc=loss_p, loss_gen=loss_g)

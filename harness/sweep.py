@@ -32,10 +32,10 @@ from typing import Any
 
 import pandas as pd
 
-from harness import results
+from harness import atomic, results
 from harness.config import ConfigError, Loaded, SweepConfig, TrialConfig
-from harness.ports import free_port
 from harness.data import resolve_dataset
+from harness.ports import free_port
 from harness.trial import arm_configs, resolve, run_trial, trial_name
 
 log = logging.getLogger("harness")
@@ -372,16 +372,33 @@ def check_fresh(cfg: SweepConfig, resume: bool, overwrite: bool) -> None:
 
 
 def check_same_sweep(cfg: SweepConfig, raw: dict[str, Any], resume: bool) -> None:
-    """A resumed sweep must run the file it started with: Tune restores its own copy of the
-    trial list, while the trials would read the edited file. ``raw``: the file's mapping as
-    :func:`harness.config.load` parsed it."""
-    snap = experiment_dir(cfg).parent / "sweep.json"
+    """A resumed sweep must run the trials it started with: the same file (Tune restores its own
+    copy of the trial list, while the trials would read the edited file) and the same resolved
+    arms (the same file on other code can resolve to other trials: a changed default changes an
+    arm's config hash, and a resumed sweep would mix trials of two methods). ``raw``: the file's
+    mapping as :func:`harness.config.load` parsed it."""
+    out = experiment_dir(cfg).parent
+    snap, arms = out / "sweep.json", out / "arms.json"
     text = json.dumps(raw, sort_keys=True, default=str)
+    hashes = {label: cfg.arm(label, cfg.seeds[0]).hash() for label in cfg.labels()}
     if resume and snap.exists() and snap.read_text() != text:
         raise ConfigError(f"{cfg.source_file}: the file changed since this sweep started (see {snap}); "
                           "resume with the original file, or pass --overwrite to start again")
-    snap.parent.mkdir(parents=True, exist_ok=True)
-    snap.write_text(text)
+    if resume and arms.exists():
+        before = json.loads(arms.read_text())
+        changed = sorted(a for a in hashes if before.get(a) not in (None, hashes[a]))
+        if changed:
+            raise ConfigError(
+                f"{cfg.source_file}: the resolved config of arm(s) {changed} changed since this sweep "
+                f"started (config hash {before[changed[0]]} -> {hashes[changed[0]]}, see {arms}): the "
+                "code's defaults differ, so resumed trials would run another method than the "
+                "finished ones; resume on the commit the sweep started on, or pass --overwrite")
+    elif resume and snap.exists():
+        log.warning("%s has no arms.json (started before resolved configs were recorded): a change "
+                    "of the code's defaults since then cannot be detected", out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(snap, text)
+    atomic.write_text(arms, json.dumps(hashes, sort_keys=True, indent=1))
 
 
 def run_sweep(sweep: Loaded, resume: bool = False, overwrite: bool = False,

@@ -1,5 +1,9 @@
-"""The Bayes teacher of a trial: genrep's posterior estimators on this rank's rows, with the
+"""The teacher of a trial: genrep's posterior estimators on this rank's rows, with the
 calibration images and class prior it is built with, and its fitted temperature τ_mc.
+
+``method.mc.source: bayes`` distils the network's own Bayes posterior p(y|x) from its denoising
+errors; ``self`` is the self-training control: the EMA head's own predictions on the same rows and
+schedule, so that "a Bayes teacher" and "any pseudo-labels" can be told apart.
 
 The maths is genrep's (``genrep.posterior``, ``genrep.reverse_chain``); this module decides which
 images it scores, with which draws (so W ranks draw what one rank draws on the whole batch), and
@@ -13,21 +17,22 @@ from typing import Any
 import torch
 
 from genrep.model import GenRepModel
-from genrep.posterior import McResult, draw_mc, fit_temperature, mc_posterior
+from genrep.posterior import McResult, draw_mc, fit_temperature, mc_posterior, posterior
 from genrep.reverse_chain import draw_chain_noise, reverse_chain_posterior
 from harness.config import TrialConfig
-from harness.data import Dataset, load_split
+from harness.data import Dataset, labelled_images
 from harness.parallel import Shard, step_generator
 
 
 def teacher_inputs(cfg: TrialConfig, dataset: Dataset, device) -> dict[str, torch.Tensor | None]:
-    """The teacher's calibration images (``mc.tau: auto``: the first ``calibrate_images`` of the
-    val split, the split for choosing, never the test split that reports) and its class prior
+    """The teacher's calibration images (``mc.tau: auto``: the first ``calibrate_images``
+    *labelled training* images in shard order, with the trial's labelled fraction: labels every arm
+    trains on, so no arm sees labels the others don't; never a held-out split) and its class prior
     (``mc.prior: train``: the training split's class frequencies from the manifest)."""
-    mc, out = cfg.method.mc, {"calibration": None, "prior": None}
+    mc, d, out = cfg.method.mc, cfg.data, {"calibration": None, "prior": None}
     if mc.tau == "auto":
-        x, y = load_split(dataset.val)
-        out["calibration"] = (x[: mc.calibrate_images].to(device), y[: mc.calibrate_images].to(device))
+        x, y = labelled_images(dataset.train, mc.calibrate_images, d.labelled_fraction, d.label_seed)
+        out["calibration"] = (x.to(device), y.to(device))
     if mc.prior == "train":
         if dataset.class_counts is None:
             raise ValueError("method.mc.prior: train needs the training split's class counts, which "
@@ -80,15 +85,27 @@ class Teacher:
             return float(mc.tau)
         due = self.tau is None or (mc.calibrate_every and step >= next_fit(self.tau_step, mc))
         if due:
-            self.tau, self.tau_step = self.fit_tau(model.eps, mc.k, step), step
+            fit = self.fit_self_tau(model) if mc.source == "self" else self.fit_tau(model.eps, mc.k, step)
+            self.tau, self.tau_step = fit, step
         return self.tau
 
-    def fit_tau(self, eps_fn, k: int, step: int) -> float:
-        """argmin_τ NLL of softmax(−e/τ + log prior) on the calibration images, e from K draws."""
+    @torch.no_grad()
+    def fit_self_tau(self, model: GenRepModel) -> float:
+        """argmin_τ NLL of softmax(z/τ) on the calibration images, z the head's own logits (the
+        self-training control's temperature; no prior term: the head's logits already carry the
+        training split's class frequencies)."""
+        x, y = self.require_calibration()
+        return fit_temperature(model.logits(x), y)
+
+    def require_calibration(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.calibration is None:
             raise RuntimeError("method.mc.tau: auto needs calibration images (make_step(..., "
                                "calibration=...); harness.teacher.teacher_inputs reads them)")
-        x, y = self.calibration
+        return self.calibration
+
+    def fit_tau(self, eps_fn, k: int, step: int) -> float:
+        """argmin_τ NLL of softmax(−e/τ + log prior) on the calibration images, e from K draws."""
+        x, y = self.require_calibration()
         res = self.estimate(eps_fn, x, 1.0, step_generator(self.cfg.seed, step, "calibrate"), k=k)
         return fit_temperature(-res.errors, y, prior=self.prior)
 
@@ -148,8 +165,19 @@ class Teacher:
         n = max(1, round(mc.subset * x.shape[0]))
         rows = slice(self.shard.rank * n, (self.shard.rank + 1) * n)
         tau = self.tau_at(model, step)
+        if mc.source == "self":
+            return self.self_probs(model, x[:n], tau)
         res = self.estimate(model.eps, x[:n], tau, step_generator(self.cfg.seed, step, "mc"),
                             rows=rows, prune=True)
         finite = res.stderr[torch.isfinite(res.stderr)]
         return res.probs, {"mc_evals": float(res.evals), "teacher_tau": float(tau),
                            "mc_stderr": float(finite.mean()) if finite.numel() else 0.0}
+
+    @torch.no_grad()
+    def self_probs(self, model: GenRepModel, x, tau: float):
+        """The self-training control's targets q(c|x) = softmax_c(z_c/τ), z the EMA head's logits
+        (genrep.posterior.posterior with −z in place of the errors e_c): pseudo-labels from the
+        head itself, on the rows and schedule the Bayes teacher would score (Xie et al. 2020,
+        "Self-training with Noisy Student"). Cost: n perception forwards (mc_evals)."""
+        probs = posterior(-model.logits(x).float(), tau)
+        return probs, {"mc_evals": float(x.shape[0]), "teacher_tau": float(tau), "mc_stderr": 0.0}

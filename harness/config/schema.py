@@ -89,8 +89,9 @@ class McConfig:
 
     k: int = field(default=8, metadata=POSITIVE)  # Monte Carlo draws (t, ε) per image, shared by all classes
     # temperature of the Bayes posterior softmax(−e_c/τ + log prior): a number, or "auto" =
-    # temperature scaling (Guo et al. 2017): τ fitted by the teacher's NLL on `calibrate_images`
-    # labelled images of the val split at the first teacher step, then after `calibrate_first`
+    # temperature scaling (Guo et al. 2017): τ fitted by the teacher's NLL on the first
+    # `calibrate_images` labelled *training* images (labels every arm has: harness.teacher) at the
+    # first teacher step, then after `calibrate_first`
     # steps, the gap doubling up to `calibrate_every` (0: once, at the start): τ moves fastest
     # early. One fit costs calibrate_images·K·C forwards.
     tau: float | Literal["auto"] = field(default="auto", metadata=check(
@@ -127,6 +128,10 @@ class McConfig:
     prune_k: int | None = field(default=2, metadata=POSITIVE)
     prune_keep: int | None = field(default=3, metadata=POSITIVE)
     teacher: Literal["online", "ema"] = "online"
+    # what is distilled: "bayes", the network's own Bayes posterior from its denoising errors (the
+    # estimator above); "self", the self-training control: the EMA head's own predictions
+    # softmax(z_ema/τ) on the same rows and schedule, τ fitted on its logits (docs/method.md)
+    source: Literal["bayes", "self"] = "bayes"
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,24 @@ def load_masked_split(urls: Urls, mask_classes: int) -> tuple[torch.Tensor, torc
     return torch.cat(xs), torch.cat(ys), torch.cat(ms)
 
 
+def labelled_images(urls: Urls, n: int, labelled_fraction: float = 1.0,
+                    label_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` labelled images of a split in shard order (no shuffling): with a labelled
+    fraction f < 1, the images :func:`is_labelled` keeps labelled, as in training. Fewer than
+    ``n`` when the split has fewer."""
+    loader = make_loader(urls, 256, shuffle_buffer=0, drop_last=False, shuffle_shards=False,
+                         labelled_fraction=labelled_fraction, label_seed=label_seed)
+    xs, ys, have = [], [], 0
+    for x, y in loader:
+        keep = y >= 0
+        xs.append(x[keep])
+        ys.append(y[keep])
+        have += int(keep.sum())
+        if have >= n:
+            break
+    return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+
 def forever(loader) -> Iterator[tuple[torch.Tensor, ...]]:
     """Batches across epochs; each new epoch reshuffles (the loader advances its own epoch)."""
     while True:

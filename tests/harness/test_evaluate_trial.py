@@ -59,7 +59,7 @@ def group(gloo_group):
 @pytest.mark.slow
 def test_trial_reports_on_test_with_guidance_chosen_on_val(tmp_path_factory, group):
     """evaluate_trial as the worker calls it: rows scored on the test split, the scale chosen by
-    fd_ref on val (recomputed here from the val split), τ fitted on val calibration images, and
+    fd_ref on val (recomputed here from the val split), τ fitted on labelled training images, and
     the choice's forwards in eval_network_evals."""
     from harness.evaluate import choose_guidance, eval_mode, reference_classifier, sample_metrics
     from harness.data import load_split, resolve_dataset
@@ -75,9 +75,10 @@ def test_trial_reports_on_test_with_guidance_chosen_on_val(tmp_path_factory, gro
     step_fn = make_step(trial, Shard(0, 1, trial.train.batch_size), torch.device("cpu"),
                         **teacher_inputs(trial, data, torch.device("cpu")))
     val_x, val_y = load_split(data.val)
+    train_x, _ = load_split(data.train)
     test_x, _ = load_split(data.test)
-    # τ: auto fits on the first calibrate_images of val, never on the reporting split
-    torch.testing.assert_close(step_fn.teacher.calibration[0], val_x[: trial.method.mc.calibrate_images])
+    # τ: auto fits on the first calibrate_images of train (labels every arm has), never held out
+    torch.testing.assert_close(step_fn.teacher.calibration[0], train_x[: trial.method.mc.calibrate_images])
     out = evaluate_trial(step_fn, trial, data, Shard(0, 1, trial.train.batch_size), torch.device("cpu"))
 
     # the cached reference classifier that evaluate_trial trained (no data needed to load it)

@@ -127,3 +127,27 @@ def test_killed_sweep_resumes_and_failing_trials_are_retried_then_recorded(tmp_p
     assert "NonFiniteLoss" in error and "step 2: non-finite loss_perc" in error, error
     assert ((nan["split"] == "status") & (nan["metric"] == "failed")).sum() == 1
     assert 2 in set(nan.loc[nan["split"] == "train", "step"])  # what it reported before is kept
+
+
+def test_resume_refuses_arms_whose_resolved_config_changed(tmp_path, tiny, caplog):
+    """The same file on code with other defaults resolves to other trials: --resume refuses it,
+    naming the arm and its config hashes (the finished trials ran another method), while an
+    unchanged sweep resumes; a sweep started before arms.json existed resumes with a warning."""
+    import dataclasses
+
+    from harness.config import ConfigError, from_dict
+    from harness.sweep import check_same_sweep, experiment_dir
+
+    raw = tiny()
+    cfg = from_dict(raw)
+    check_same_sweep(cfg, raw, resume=False)
+    arms = experiment_dir(cfg).parent / "arms.json"
+    assert json.loads(arms.read_text()) == {a: cfg.arm(a, 0).hash() for a in ("sum", "genrep")}
+    check_same_sweep(cfg, raw, resume=True)  # nothing changed
+    # a default that moved (here by hand: the method's beta_kd) under the same file
+    moved = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, beta_kd=0.5))
+    with pytest.raises(ConfigError, match=r"resolved config of arm\(s\) \['genrep', 'sum'\] changed"):
+        check_same_sweep(moved, raw, resume=True)
+    arms.unlink()
+    check_same_sweep(moved, raw, resume=True)
+    assert "no arms.json" in caplog.text and arms.exists()
