@@ -9,15 +9,16 @@ The same weights serve both tasks (docs/method.md, "The network"):
   decoder blocks (same t_p, same ∅) and a small task decoder (``SegHead``) turns them into
   per-pixel logits at input resolution: class 0 is background, class c + 1 is shape class c.
   ``perceive(x)`` feeds both heads from one backbone pass;
-- semantic-driven generation (``semantic=True``, issue 21): ``semantic_features(x)`` is x_sem,
-  the pooled perception features, and ``eps_semantic(x_t, t, c, x_sem)`` adds the module's
-  correction Δε(x_t, x_sem) to ε (``genrep.semantic``).
+- semantic-driven generation (``semantic=True``, issues 21, 30): ``semantic_map(x)`` is x_sem,
+  the perception branch's feature map before the head's pooling, and ``eps_semantic(x_t, t, c,
+  x_sem)`` adds the module's spatial correction Δε(x_t, t, x_sem) to ε (``genrep.semantic``).
 
 Backbones are registered by name (``unet``, ``dit``); presets give the sizes for the 16×16
 digits default and for 32×32 / 64×64 RGB data.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -40,7 +41,10 @@ class ModelConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
     norm_num_groups: int = 8
-    attention: bool = False  # attention blocks in the lowest-resolution level of the UNet
+    attention: bool = False  # attention blocks in the lowest-resolution level(s) of the UNet
+    # how many of the lowest levels get them with attention on (1: the lowest only); the mid
+    # block's attention is always there (diffusers' default). Measured on digits16 (docs/strategies.md)
+    attention_levels: int = 1
     dit_depth: int = 4  # DiT only
     dit_heads: int = 4
     dit_head_dim: int = 16
@@ -52,6 +56,7 @@ class ModelConfig:
     seg_hidden: int = 32  # channels of the segmentation decoder
     semantic: bool = False  # the semantic modulation module (issue 21, genrep/semantic.py)
     sem_hidden: int = 64  # hidden width of f_σ and of the REPA projector
+    sem_width: int = 32  # channels of the semantic mean correction's convs (x_sem projected to it)
 
     @property
     def seg_classes(self) -> int:
@@ -97,9 +102,17 @@ class Backbone(nn.Module):
         """``feature_layer``'s output → Tensor[B, feature_dim], as ``features`` pools it."""
         raise NotImplementedError
 
-    def eps_and_features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε_θ(x_t, t, c), pooled features of the same pass): one forward of ``eps``, with a
+    def as_map(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``feature_layer``'s output for input x → its map [B, feature_dim, h, w], unpooled."""
+        raise NotImplementedError
+
+    def feature_map(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The map [B, feature_dim, h, w] that ``features`` pools (x_sem, issue 30)."""
+        raise NotImplementedError
+
+    def eps_and_feature_map(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε_θ(x_t, t, c), the feature map of the same pass): one forward of ``eps``, with a
         forward hook on ``feature_layer`` keeping its output (so ε is bitwise ``eps``'s)."""
         seen: list[torch.Tensor] = []
         handle = self.feature_layer().register_forward_hook(lambda m, i, o: seen.append(o))
@@ -109,7 +122,7 @@ class Backbone(nn.Module):
             handle.remove()
         if len(seen) != 1:
             raise RuntimeError(f"the feature layer ran {len(seen)} times in one forward")
-        return eps, self.pool(seen[0])
+        return eps, self.as_map(seen[0], x_t)
 
     def features_and_dense(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
                            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -131,8 +144,9 @@ class UNetBackbone(Backbone):
         n = len(cfg.block_out_channels)
         down = ["DownBlock2D"] * n
         up = ["UpBlock2D"] * n
-        if cfg.attention:
-            down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+        if cfg.attention:  # level i from the bottom: down block n−1−i, up block i
+            for i in range(min(cfg.attention_levels, n)):
+                down[n - 1 - i], up[i] = "AttnDownBlock2D", "AttnUpBlock2D"
         self.unet = UNet2DModel(
             sample_size=cfg.image_size, in_channels=cfg.channels, out_channels=cfg.channels,
             block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
@@ -161,8 +175,12 @@ class UNetBackbone(Backbone):
 
     def features(self, x, t, labels):
         """Mean-pooled mid-block activations; runs only the encoder half (conv_in, down, mid)."""
+        return self.pool(self.feature_map(x, t, labels))
+
+    def feature_map(self, x, t, labels):
+        """The mid block's output [B, C, h, w] (encoder half only)."""
         mid, _ = self._encode(x, self._embedding(t, labels, x.dtype))
-        return self.pool(mid)
+        return mid
 
     def feature_layer(self):
         return self.unet.mid_block
@@ -170,6 +188,9 @@ class UNetBackbone(Backbone):
     def pool(self, h):
         """Mean over H×W of the mid block's output [B, C, h, w]."""
         return h.mean(dim=(2, 3))
+
+    def as_map(self, h, x):
+        return h
 
     def features_and_dense(self, x, t, labels):
         """Pooled mid block and every up block's output, coarse to fine, from one pass.
@@ -222,12 +243,19 @@ class DiTBackbone(Backbone):
     def eps(self, x_t, t, labels):
         return self.dit(x_t, timestep=t, class_labels=labels).sample[:, : self.channels]
 
-    def features(self, x, t, labels):
+    def _middle(self, x, t, labels):
+        """The tokens [B, N, D] after the middle block (the blocks after it do not run)."""
         d = self.dit
         h = d.pos_embed(x)
         for block in d.transformer_blocks[: self.middle]:
             h = block(h, timestep=t, class_labels=labels)
-        return self.pool(h)
+        return h
+
+    def features(self, x, t, labels):
+        return self.pool(self._middle(x, t, labels))
+
+    def feature_map(self, x, t, labels):
+        return self.as_map(self._middle(x, t, labels), x)
 
     def feature_layer(self):
         return self.dit.transformer_blocks[self.middle - 1]
@@ -235,6 +263,11 @@ class DiTBackbone(Backbone):
     def pool(self, h):
         """Mean over the tokens [B, N, D] after the middle block."""
         return h.mean(dim=1)
+
+    def as_map(self, h, x):
+        """Tokens [B, N, D] → [B, D, H/p, W/p]: PatchEmbed flattens the grid row-major."""
+        return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], x.shape[-2] // self.patch,
+                                         x.shape[-1] // self.patch)
 
     def features_and_dense(self, x, t, labels):
         """Token mean after the middle block; tokens [B, N, D] of blocks middle..depth → [B, D, h, w]."""
@@ -301,27 +334,27 @@ class GenRepModel(nn.Module):
         self.seg_head = (SegHead(self.backbone.dense_channels, cfg.seg_hidden, cfg.seg_classes)
                          if cfg.seg_head else None)
         # built last, for the same reason: a model without it initialises as before
-        self.semantic = (SemanticModulation(cfg.channels, self.backbone.feature_dim, cfg.sem_hidden)
-                         if cfg.semantic else None)
+        self.semantic = (SemanticModulation(cfg.channels, self.backbone.feature_dim, cfg.sem_hidden,
+                                            cfg.sem_width) if cfg.semantic else None)
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """ε_θ(x_t, t, c); ``labels == null_class`` is the unconditional model."""
         return self.backbone.eps(x_t, t, labels)
 
-    def eps_and_features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε_θ(x_t, t, c) [B, C, H, W], the denoiser's pooled features [B, F] at the layer
-        ``backbone.features`` reads) from one forward; ε is bitwise ``eps``'s."""
-        return self.backbone.eps_and_features(x_t, t, labels)
+    def eps_and_feature_map(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε_θ(x_t, t, c) [B, C, H, W], the denoiser's feature map [B, F, h, w] at the layer
+        ``backbone.features`` pools) from one forward; ε is bitwise ``eps``'s."""
+        return self.backbone.eps_and_feature_map(x_t, t, labels)
 
     def eps_semantic(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                      x_sem: torch.Tensor) -> torch.Tensor:
-        """ε_θ(x_t, t, c, x_sem) = ε_θ(x_t, t, c) + Δε(x_t, x_sem) (GenRep's mean correction in ε
-        form, ``SemanticModulation.delta_eps``); x_sem is used as given (detach it to stop its
-        gradient)."""
+        """ε_θ(x_t, t, c, x_sem) = ε_θ(x_t, t, c) + Δε(x_t, t, x_sem) (GenRep's mean correction in
+        ε form, ``SemanticModulation.delta_eps``); x_sem [B, F, h, w] is used as given (detach it
+        to stop its gradient)."""
         if self.semantic is None:
             raise ValueError("eps_semantic needs the semantic module: ModelConfig(semantic=True)")
-        return self.eps(x_t, t, labels) + self.semantic.delta_eps(x_t, x_sem)
+        return self.eps(x_t, t, labels) + self.semantic.delta_eps(x_t, t, x_sem)
 
     def _perception_condition(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(t_p, ∅) for every image: perception reads the clean input, unconditionally."""
@@ -335,8 +368,13 @@ class GenRepModel(nn.Module):
         return self.head(self.semantic_features(x))
 
     def semantic_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x_sem = pool(features(x, t_p, ∅)) [B, F]: exactly what the classification head reads."""
+        """pool(features(x, t_p, ∅)) [B, F]: exactly what the classification head reads."""
         return self.backbone.features(x, *self._perception_condition(x))
+
+    def semantic_map(self, x: torch.Tensor) -> torch.Tensor:
+        """x_sem = features(x, t_p, ∅) before pooling, [B, F, h, w]: the map whose mean over
+        positions the classification head reads (the semantic module's input, issue 30)."""
+        return self.backbone.feature_map(x, *self._perception_condition(x))
 
     def seg_logits(self, x: torch.Tensor) -> torch.Tensor:
         """S = seg_head(decoder levels(x, t_p, ∅)) ∈ R^{B×(C+1)×H×W}; class 0 is the background."""
@@ -358,6 +396,15 @@ class GenRepModel(nn.Module):
         shared = [self.backbone] + ([self.semantic] if self.semantic is not None else [])
         return [p for m in shared for p in m.parameters() if p.requires_grad]
 
+    def attention_mask(self) -> list[bool]:
+        """Per tensor of ``shared_parameters()``: does it belong to a diffusers ``Attention`` module
+        (q, k, v, out projections and the block's own norm)? What ``strategy.scope: attention``
+        aligns (genrep/strategies/scope.py); digits16 has 10 such tensors, the UNet's mid block."""
+        from diffusers.models.attention_processor import Attention
+
+        attention = {id(p) for m in self.modules() if isinstance(m, Attention) for p in m.parameters()}
+        return [id(p) in attention for p in self.shared_parameters()]
+
     def head_parameters(self) -> list[nn.Parameter]:
         """Task-specific parameters: the classification head, then the seg head when on."""
         heads = [self.head] + ([self.seg_head] if self.seg_head is not None else [])
@@ -366,6 +413,21 @@ class GenRepModel(nn.Module):
 
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def attention_size(cfg: ModelConfig) -> tuple[int, int]:
+    """(tensors, parameters) of the shared weights in diffusers ``Attention`` modules, from the
+    model built on the meta device (no memory, ~40 ms for rgb32, cached): what a config check needs."""
+    lists = {k: tuple(v) for k, v in vars(cfg).items() if isinstance(v, list)}  # a YAML list
+    return _attention_size(replace(cfg, **lists))
+
+
+@functools.lru_cache(maxsize=32)
+def _attention_size(cfg: ModelConfig) -> tuple[int, int]:
+    with torch.device("meta"):
+        model = GenRepModel(cfg)
+    inside = [p.numel() for p, a in zip(model.shared_parameters(), model.attention_mask()) if a]
+    return len(inside), sum(inside)
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> GenRepModel:
@@ -378,4 +440,4 @@ def build_model(cfg: ModelConfig, seed: int | None = None) -> GenRepModel:
 
 
 __all__ = ["ModelConfig", "PRESETS", "preset", "GenRepModel", "SegHead", "build_model",
-           "BACKBONES", "num_parameters"]
+           "BACKBONES", "num_parameters", "attention_size"]

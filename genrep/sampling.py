@@ -1,9 +1,13 @@
 """Class-conditional sampling: DDIM (Song et al. 2021, arXiv:2010.02502) on the training schedule,
 with optional classifier-free guidance through the null class (Ho & Salimans 2022, arXiv:2207.12598).
 
-Semantic-driven sampling (issue 21, ``semantic=``): each step's guided ε gets the correction
-Δε(x_t, x_sem) and, for η > 0, σ_t(η) the factor 1 + f_σ(x_sem) (``genrep.semantic``), stepped by
-our own ``ddim_step``; without it the diffusers DDIM step runs as before.
+Semantic-driven sampling (issues 21, 30, ``semantic=``): each step's guided ε gets the correction
+Δε(x_t, t, x_sem) and, for η > 0, σ_t(η) the factor 1 + f_σ(x_sem, t) (``genrep.semantic``),
+stepped by our own ``ddim_step``; without it the diffusers DDIM step runs as before.
+
+Two named samplers (``SAMPLER_ETA``, the evaluation's ``eval.samplers``): ``ddim`` (η = 0,
+deterministic given x_T, where the σ factor does nothing) and ``ddpm`` (η = 1: DDPM's ancestral
+sampler on the strided chain, the paper's sampler; the σ factor acts).
 
 Determinism: the initial noise x_T (and, for η > 0, every step's noise) is drawn for all N samples
 at once from one generator, so a seed gives the same images whatever ``batch_size`` is.
@@ -18,6 +22,14 @@ from diffusers import DDIMScheduler
 from genrep.diffusion import make_scheduler, randn
 from genrep.losses import EpsFn
 from genrep.semantic import SemanticFn
+
+
+# η of DDIM's update (Song et al. 2021, eq. 16) for each named sampler. η = 1 gives
+# σ² = (1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev), the posterior variance β̃ of the strided chain, and the
+# mean √ᾱ_prev·x̂_0 + √(1−ᾱ_prev−σ²)·ε = μ̃(x̂_0, x_t) of DDPM (Ho et al. 2020, eq. 7) on that chain
+# (Song et al. 2021, §4.1; Nichol & Dhariwal 2021, §4 respace DDPM this way), up to the clip of x̂_0
+# (DDPM's mean takes x_t and the clipped x̂_0, DDIM's the unclipped ε)
+SAMPLER_ETA = {"ddim": 0.0, "ddpm": 1.0}
 
 
 def as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
@@ -164,5 +176,6 @@ def grid_png(images: torch.Tensor, rows: int) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["ddim_sample", "ddim_step", "sample_grid", "grid_png", "sampling_evals", "guided_eps",
+__all__ = ["SAMPLER_ETA", "ddim_sample", "ddim_step", "sample_grid", "grid_png", "sampling_evals",
+           "guided_eps",
            "grid_labels", "make_ddim"]

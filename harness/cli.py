@@ -1,4 +1,4 @@
-"""``genrep-bench``: sweep, train, validate, data pack, report, perf."""
+"""``genrep-bench``: sweep, pilot, train, validate, data pack, report, perf."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,7 @@ def cmd_sweep(args) -> int:
     df = run_sweep(sweep, resume=args.resume, overwrite=args.overwrite,
                    address=args.address, verbose=args.verbose, storage=args.storage)
     trials = read_trials(out)
+    print_controls(df.assign(sweep=sweep.config.name))  # a failed control first
     print(format_trials(trials))
     print_summary(summary(df))
     failed = df.loc[df["status"] == "failed", "trial"].unique()
@@ -47,6 +48,34 @@ def cmd_sweep(args) -> int:
     sys.stderr.flush()
     print(f"results in {os.path.abspath(out)}", flush=True)  # the log's last line
     return 1 if len(failed) or unfinished else 0
+
+
+def cmd_pilot(args) -> int:
+    """Run the pilot (harness.pilot); print its table and the ``pilot:`` block to commit.
+    Exit 0 when every pilot trial finished, else 1."""
+    from pathlib import Path
+
+    import yaml
+
+    from harness.config import load
+    from harness.pilot import run_pilot
+
+    out = run_pilot(load(args.sweep_file), n_seeds=args.seeds, resume=args.resume,
+                    overwrite=args.overwrite, address=args.address, verbose=args.verbose,
+                    storage=args.storage)
+    meta = out["meta"]
+    print(f"pilot of {meta['sweep']}: {' vs '.join(reversed(meta['arms']))}, seeds {meta['seeds']}; "
+          f"family of m = {meta['m']} comparisons, α/m = {meta['alpha_holm']:.3g}, power {meta['power']:g}")
+    print_summary(out["table"].set_index("metric"))
+    est = meta["sweep_wall_s_est"]
+    print(f"the registered sweep at seeds_chosen: {meta['sweep_trials']} trials, about "
+          f"{'?' if est is None else f'{est / 60:.0f} min'} of wall time")
+    print("commit into the sweep file's preregistration (and set seeds: to seeds_chosen):")
+    print(yaml.safe_dump({"pilot": out["block"]}, sort_keys=False, allow_unicode=True), end="")
+    for name, path in out["paths"].items():
+        print(f"{name}: {Path(path).resolve()}")
+    trials = out["trials"]
+    return 0 if trials is not None and (trials["status"] == "ok").all() else 1
 
 
 def cmd_train(args) -> int:
@@ -70,6 +99,10 @@ def cmd_validate(args) -> int:
     else:
         print(f"{args.sweep_file}: ok ({len(cfg.trials())} trials: arms {list(cfg.labels())} "
               f"x seeds {list(cfg.seeds)} x {len(cfg.grid_points())} grid points)")
+    if cfg.preregistration:
+        p = cfg.preregistration.resolved(cfg.labels(), cfg.seed_offsets())
+        print(f"  pre-registered family: {len(p.triples())} comparisons, α/m = {p.alpha_first():.3g}"
+              f"{', controls ' + ', '.join(p.control_arms()) if p.control_arms() else ''}")
     return 0
 
 
@@ -93,8 +126,10 @@ def cmd_report(args) -> int:
     first = Path(found[0])
     out = args.out or (first if first.is_dir() else first.parent) / "report"
     paths = build_report(found, out, baseline=args.baseline)
+    df = load(found)
+    print_controls(df)
     print(paths["report.md"])
-    print_summary(format_table(main_table(load(found), baseline=args.baseline), markup="plain"))
+    print_summary(format_table(main_table(df, baseline=args.baseline), markup="plain"))
     print(f"HTML report: {Path(paths['report.html']).resolve()}")
     return 0
 
@@ -124,6 +159,14 @@ def cmd_perf(args) -> int:
     print(markdown(rows, meta))
     print(paths["perf.md"])
     return 1 if any(r.what == "(failed)" for r in rows) else 0
+
+
+def print_controls(df) -> None:
+    """A failed registered control, first: the run cannot be trusted (harness.report.prereg)."""
+    from harness.report.prereg import control_lines
+
+    for line in control_lines(df):
+        print(line, flush=True)
 
 
 def print_summary(table) -> None:
@@ -165,6 +208,12 @@ def parser() -> argparse.ArgumentParser:
                    help="finish an interrupted sweep: finished trials are kept, the rest run")
     s.add_argument("--overwrite", action="store_true", help="delete an earlier run of this sweep")
     s.set_defaults(fn=cmd_sweep)
+    s = with_sweep("pilot", "run a few seeds of the baseline and the first registered comparison; "
+                   "print the paired SD, the seeds needed and the wall time per trial")
+    s.add_argument("--seeds", type=int, help="pilot seeds (default: preregistration.pilot.seeds, or 3)")
+    s.add_argument("--resume", action="store_true", help="finish an interrupted pilot")
+    s.add_argument("--overwrite", action="store_true", help="delete an earlier pilot of this sweep")
+    s.set_defaults(fn=cmd_pilot)
     s = with_sweep("train", "run one trial through Ray Train without Tune (debugging)",
                    formatter_class=_StrategyHelp)
     s.add_argument("--strategy", required=True, help="{strategies}, or a variant of the sweep")

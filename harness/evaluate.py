@@ -1,14 +1,15 @@
 """End-of-trial scoring of the networks, the same yardstick for every strategy (docs/evaluation.md).
 
-Perception: head top-1 and ECE, the network's own zero-shot (Monte Carlo) accuracy, and with the
+Perception: head top-1 and ECE, head top-1 on inputs noised by q(x_t|x) at ``eval.robust_t``
+(robustness, ``head_acc_t<t>``), the network's own zero-shot (Monte Carlo) accuracy, and with the
 segmentation head mIoU and pixel accuracy over the held-out masks. Generation:
 held-out denoising loss at fixed (t, ε), and class-conditional DDIM samples scored by the cached
 reference classifier (``fd_ref``, ``kid_ref``, ``sample_acc``), at a fixed guidance scale or one
 chosen on the val split (``choose_guidance``). Cost: seconds and network evaluations spent.
 Each metric with a standard error reports it as ``<metric>_stderr`` (the results table's
-``stderr`` column): binomial for the accuracies, over images for the held-out loss, bootstrap for
-``fd_ref``, jackknife for ``kid_ref``, and over images for ``miou`` and ``pixel_acc``;
-``head_ece`` has none.
+``stderr`` column): binomial for the accuracies (``head_acc_t<t>`` too), over images for the
+held-out loss, bootstrap for ``fd_ref``, jackknife for ``kid_ref``, and over images for ``miou``
+and ``pixel_acc``; ``head_ece`` has none.
 """
 from __future__ import annotations
 
@@ -21,19 +22,22 @@ from typing import Any
 
 import torch
 
+from genrep.diffusion import q_sample
 from genrep.dense import bootstrap_stderr, image_confusions, miou, pixel_accuracy
 from genrep.metrics import (HELDOUT_TIMESTEPS, binomial_stderr, expected_calibration_error,
                             feature_stats, frechet_distance, frechet_distance_stderr,
                             kernel_distance, kernel_distance_stderr, heldout_denoising_errors, heldout_loss_of, mean_stderr, top1)
 from genrep.posterior import mc_posterior, teacher_quality
 from genrep.reference import ReferenceNet, accuracy, embed, train_reference
-from genrep.sampling import grid_png, sample_grid, sampling_evals
-from genrep.semantic import semantic_step_fn
+from genrep.sampling import SAMPLER_ETA, grid_png, sample_grid, sampling_evals
+from genrep.semantic import semantic_eps_fn, semantic_step_fn
 from harness import atomic
 
 HELDOUT_SEED = 0  # fixed noise for the held-out loss: the same draws for every trial and strategy
 # the guidance choice's samples: draws of their own, never the reported samples' (``seed``, 0)
 GUIDANCE_SEED = 1
+# the robustness test's one ε (robust_metrics): the same noise for every trial, strategy and t
+ROBUST_SEED = 2
 
 
 # ---------------------------------------------------------------- reference classifier cache
@@ -116,6 +120,25 @@ def head_metrics(model, images, labels, batch_size: int = 256) -> dict[str, floa
 
 
 @torch.no_grad()
+def robust_metrics(model, images, labels, alphas_cumprod, timesteps, batch_size: int = 256,
+                   seed: int = ROBUST_SEED) -> dict[str, float]:
+    """head_acc_t<t> = top-1 of the head on x_t = √ᾱ_t·x + √(1−ᾱ_t)·ε, one seeded ε for all t."""
+    # model.logits reads its input's features at its own fixed t_p with ∅: x_t is that input, the
+    # head is not told t. One ε, drawn on the CPU (the same on every device), for every t: the
+    # columns differ only in σ = √(1−ᾱ_t), logged as noise_sigma_t<t> for the report's labels.
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(images)
+    out = {}
+    for t in timesteps:
+        tt = torch.full((images.shape[0],), int(t), dtype=torch.long, device=images.device)
+        noised = head_metrics(model, q_sample(images.float(), tt, eps.float(), alphas_cumprod), labels,
+                              batch_size)
+        acc = noised["head_acc"]
+        out |= {f"head_acc_t{t}": acc, f"head_acc_t{t}_stderr": noised["head_acc_stderr"],
+                f"noise_sigma_t{t}": float((1 - alphas_cumprod[int(t)].double()).sqrt())}
+    return out
+
+
+@torch.no_grad()
 def seg_metrics(model, images, masks, batch_size: int = 256, seed: int = 0) -> dict[str, float]:
     """Held-out mIoU (background included; a class in neither truth nor prediction left out) and
     pixel accuracy of the seg head, from one confusion matrix summed over all N images
@@ -157,27 +180,15 @@ def mc_metrics(model, images, labels, k: int, alphas_cumprod, seed: int,
     return out, res.evals
 
 
-def semantic_eps_fn(model, sem_model, images, labels):
-    """ε_θ(x_t, t, y_i) + Δε(x_t, x_sem_i) (``model.eps_semantic``), x_sem_i the semantic network's
-    features of clean held-out image i. It takes row indices i where an ε function takes labels,
-    so each chunk that heldout_denoising_errors forwards finds its own images' x_sem."""
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        x_sem = sem_model.semantic_features(images.to(dtype))
-    return lambda x, t, i: model.eps_semantic(x.to(dtype), t, labels[i], x_sem[i]).float()
-
-
-def heldout_metrics(model, images, labels, alphas_cumprod, sem_model=None) -> tuple[dict[str, float], int]:
+def heldout_metrics(model, images, labels, alphas_cumprod, semantic=None) -> tuple[dict[str, float], int]:
     """Held-out ε-MSE at fixed timesteps and fixed noise (mean and per t), each with the stderr
-    of its mean over the N images; N·|timesteps| evaluations. With ``sem_model`` (semantic-driven
-    generation) the ε is the modulated one, x_sem from the semantic network on the clean images
-    (N encoder-half forwards more, not counted, like the head's)."""
-    fn, keys = eps_fn(model), labels
-    if sem_model is not None:
-        fn = semantic_eps_fn(model, sem_model, images, labels)
-        keys = torch.arange(labels.shape[0], device=labels.device)
-    errors = heldout_denoising_errors(fn, images, keys,
-                                      alphas_cumprod.to(images.device), seed=HELDOUT_SEED)
+    of its mean over the N images; N·|timesteps| evaluations. With ``semantic`` (semantic network,
+    x_sem source) the ε is the modulated one, x_sem read as the sampler reads it
+    (genrep.semantic.semantic_eps_fn: of x̂_0 or of x_t; N·|timesteps| encoder-half forwards
+    more, not counted, like the head's)."""
+    ac = alphas_cumprod.to(images.device)
+    fn = eps_fn(model) if semantic is None else semantic_eps_fn(model, *semantic, ac)
+    errors = heldout_denoising_errors(fn, images, labels, ac, seed=HELDOUT_SEED)
     mean, per_t = heldout_loss_of(errors, HELDOUT_TIMESTEPS)
     # an image's loss is its mean over the timesteps: their mean over images is ``mean``
     out = {"heldout_loss": mean, "heldout_loss_stderr": mean_stderr(errors.mean(0))}
@@ -187,15 +198,17 @@ def heldout_metrics(model, images, labels, alphas_cumprod, sem_model=None) -> tu
 
 
 def sample_metrics(model, images, ref_net, per_class: int, steps: int, guidance_scale: float,
-                   seed: int, grid_path=None, semantic=None) -> tuple[dict[str, float], int]:
-    """Class-conditional DDIM samples scored by the reference net: Fréchet distance of its features
-    to the held-out images' (fd_ref, bootstrap stderr over both sets), their kernel distance
-    (kid_ref, unbiased MMD², jackknife stderr) and the reference net's accuracy on the samples
-    (sample_acc, binomial stderr over the samples). ``semantic``: genrep.semantic.semantic_step_fn's
-    callable, for semantic-driven sampling (its semantic network's forwards are not counted)."""
+                   seed: int, grid_path=None, semantic=None,
+                   eta: float = 0.0) -> tuple[dict[str, float], int]:
+    """Class-conditional DDIM samples (η = ``eta``) scored by the reference net: Fréchet distance of
+    its features to the held-out images' (fd_ref, bootstrap stderr over both sets), their kernel
+    distance (kid_ref, unbiased MMD², jackknife stderr) and the reference net's accuracy on the
+    samples (sample_acc, binomial stderr over the samples). ``semantic``: genrep.semantic.
+    semantic_step_fn's callable, for semantic-driven sampling (its semantic network's forwards are
+    not counted)."""
     samples, labels = sample_grid(eps_fn(model), model.num_classes, per_class, images.shape[1:],
                                   device=images.device, steps=steps, guidance_scale=guidance_scale,
-                                  null_class=model.null_class, generator=seed, semantic=semantic)
+                                  null_class=model.null_class, generator=seed, semantic=semantic, eta=eta)
     if grid_path is not None:
         atomic.write_bytes(grid_path, grid_png(samples, model.num_classes))
     real, fake = embed(ref_net, images), embed(ref_net, samples)
@@ -205,6 +218,31 @@ def sample_metrics(model, images, ref_net, per_class: int, steps: int, guidance_
            "kid_ref": kernel_distance(real, fake), "kid_ref_stderr": kernel_distance_stderr(real, fake),
            "sample_acc": acc, "sample_acc_stderr": binomial_stderr(acc, samples.shape[0])}
     return out, sampling_evals(samples.shape[0], steps, guidance_scale)
+
+
+def sampler_metric(key: str, sampler: str) -> str:
+    """The name ``key`` (``fd_ref``, ``fd_ref_stderr``, ...) takes for ``sampler``: the ddim
+    sampler's keep theirs, the others get its name before any ``_stderr`` (``fd_ref_ddpm``)."""
+    if sampler == "ddim":
+        return key
+    base, tail = (key[:-len("_stderr")], "_stderr") if key.endswith("_stderr") else (key, "")
+    return f"{base}_{sampler}{tail}"
+
+
+def sampled(model, images, ref_net, per_class: int, samplers, steps: dict[str, int], guidance_scale,
+            seed: int, grid_path=None, semantic=None) -> tuple[dict[str, float], int]:
+    """``sample_metrics`` for each named sampler (genrep.sampling.SAMPLER_ETA: ddim η = 0, ddpm
+    η = 1) at its ``steps``, from the same x_T (``seed``), named by ``sampler_metric``; the grid of
+    a sampler other than ddim goes beside ``grid_path`` as ``<stem>-<sampler>.png``."""
+    out, evals = {}, 0
+    for name in samplers:
+        grid = grid_path if grid_path is None or name == "ddim" else \
+            Path(grid_path).with_name(f"{Path(grid_path).stem}-{name}{Path(grid_path).suffix}")
+        got, n = sample_metrics(model, images, ref_net, per_class, steps[name], guidance_scale, seed,
+                                grid, semantic, eta=SAMPLER_ETA[name])
+        out |= {sampler_metric(k, name): v for k, v in got.items()}
+        evals += n
+    return out, evals
 
 
 def choose_guidance(model, images, ref_net, choices, per_class: int, steps: int,
@@ -227,33 +265,40 @@ def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: in
              grid_path=None, estimate=None, val_masks=None, semantic=None,
              guidance_choices=(1.0, 2.0, 3.0), guidance_by: str = "fd_ref",
              guidance_per_class: int | None = None, choice_images=None,
-             scope: str = "all") -> dict[str, float]:
+             scope: str = "all", samplers=("ddim",), ddpm_steps: int = 200,
+             robust_t=()) -> dict[str, float]:
     """All held-out metrics of one trial (perc_model is gen_model for joint training);
     ``scope="perception"``: only the heads' metrics and the held-out loss (an evaluation during
     training with ``eval.every_metrics: perception``);
     ``val_masks`` [N, H, W]: also the seg head's mIoU and pixel accuracy (``seg_metrics``);
+    ``robust_t``: also the head's top-1 on inputs noised to each t (``robust_metrics``), in every
+    scope, since it scores the head;
     ``semantic`` (semantic network, x_sem source): the held-out loss and the samples of
     semantic-driven generation (harness.step.JointStep.semantic_eval).
+    ``samplers``: "ddim" (η = 0, ``ddim_steps``: fd_ref, kid_ref, sample_acc) and/or "ddpm"
+    (η = 1, ``ddpm_steps``: fd_ref_ddpm, ...), see :func:`sampled`; "auto" guidance is chosen with
+    the first.
     ``mc_images``: a count, or "all" of the held-out images. ``guidance_scale: "auto"``: chosen
     among ``guidance_choices`` by ``guidance_by`` on ``choice_images`` (the val split; never the
     reported one) with ``guidance_per_class`` samples a class (default ``sample_per_class``), see
     :func:`choose_guidance`; the scale used is reported as ``guidance_scale``.
 
     eval_network_evals counts per-sample network forwards: MC (B·K·C) + sampling (N·steps, ×2 with
-    CFG) + the guidance choice's sampling + held-out loss (N·4); the head's encoder-only forwards
-    are not counted.
+    CFG, per sampler) + the guidance choice's sampling + held-out loss (N·4); the head's (robustness:
+    N·|robust_t| more) and the semantic network's encoder-only forwards are not counted.
     """
     t0 = time.perf_counter()
     out: dict[str, float] = {}
     with eval_mode(perc_model, gen_model, ref_net):
         out.update(head_metrics(perc_model, val_images, val_labels))
+        out.update(robust_metrics(perc_model, val_images, val_labels, alphas_cumprod.to(val_images.device),
+                                  robust_t))
         if val_masks is not None:
             out.update(seg_metrics(perc_model, val_images, val_masks, seed=seed))
-        sem_model, sem_step = None, None
+        sem_step = None
         if semantic is not None:
-            sem_model, source = semantic
-            sem_step = semantic_step_fn(gen_model, sem_model, source, alphas_cumprod.to(val_images.device))
-        held, held_evals = heldout_metrics(gen_model, val_images, val_labels, alphas_cumprod, sem_model)
+            sem_step = semantic_step_fn(gen_model, *semantic, alphas_cumprod.to(val_images.device))
+        held, held_evals = heldout_metrics(gen_model, val_images, val_labels, alphas_cumprod, semantic)
         out.update(held)
         evals = held_evals
         if scope == "all":  # "perception": an evaluation during training stops here
@@ -263,15 +308,16 @@ def evaluate(perc_model, gen_model, val_images, val_labels, ref_net, *, mc_k: in
             # the classes' ε_θ(x_t, t, c) (and x_sem would be read off the image being classified)
             mc, mc_evals = mc_metrics(gen_model, val_images[:n_mc], val_labels[:n_mc], mc_k,
                                       alphas_cumprod, seed, estimate)
-            choice_evals = 0
+            choice_evals, steps = 0, {"ddim": ddim_steps, "ddpm": ddpm_steps}
             if guidance_scale == "auto":
                 if choice_images is None:
                     raise ValueError('guidance_scale "auto" needs choice_images (the val split)')
                 guidance_scale, _, choice_evals = choose_guidance(
                     gen_model, choice_images, ref_net, guidance_choices,
-                    guidance_per_class or sample_per_class, ddim_steps, guidance_by, semantic=sem_step)
-            gen, gen_evals = sample_metrics(gen_model, val_images, ref_net, sample_per_class,
-                                            ddim_steps, guidance_scale, seed, grid_path, sem_step)
+                    guidance_per_class or sample_per_class, steps[samplers[0]], guidance_by,
+                    semantic=sem_step, eta=SAMPLER_ETA[samplers[0]])
+            gen, gen_evals = sampled(gen_model, val_images, ref_net, sample_per_class, samplers, steps,
+                                     guidance_scale, seed, grid_path, sem_step)
             out.update(mc | gen)
             out["guidance_scale"] = guidance_scale
             evals += mc_evals + choice_evals + gen_evals

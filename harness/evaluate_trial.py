@@ -49,8 +49,8 @@ def evaluate_trial(step_fn, cfg: TrialConfig, dataset: Dataset, shard, device,
                        estimate=step_fn.teacher.eval_estimate(e.mc_k, step), val_masks=val_m,
                        semantic=step_fn.semantic_eval(step), guidance_choices=e.guidance_choices,
                        guidance_by=e.guidance_by, guidance_per_class=e.guidance_samples_per_class,
-                       choice_images=choose_x.to(device),
-                       scope="all" if step is None else e.every_metrics)
+                       choice_images=choose_x.to(device), samplers=e.samplers, ddpm_steps=e.ddpm_steps,
+                       scope="all" if step is None else e.every_metrics, robust_t=e.robust_t)
         acc, n = float(info["ref_val_acc"]), int(info.get("ref_val_n", len(choose_y)))  # older caches: no n
         out |= {"ref_val_acc": acc, "ref_val_acc_stderr": binomial_stderr(acc, n)}
         out.update(cost_counts(step_fn))

@@ -3,8 +3,8 @@
 Results (``higher_is_better`` column), reports (↑/↓ labels, best-in-column, which columns and how
 a trial's rows reduce), the Optuna search (objectives and their default direction) and ``perf``
 all read this table; a metric is added here once, and a name registered twice is an error.
-``kind`` groups metrics: perception, generation, teacher, loss, cost, conflict (telemetry of the
-task gradients, no direction), data, status.
+``kind`` groups metrics: perception, robustness (perception on noised inputs), generation,
+teacher, loss, cost, conflict (telemetry of the task gradients, no direction), data, status.
 
 A reported row may carry ``"<metric>_stderr"`` beside ``"<metric>"``: the results table moves it
 to that metric's ``stderr`` column (``harness.results.long_rows``); it is never a metric itself.
@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 STDERR_SUFFIX = "_stderr"
 PER_T = re.compile(r"(?P<base>.+)_t\d+")  # heldout_loss_t50: heldout_loss at one timestep
+ROBUST = re.compile(r"head_acc_t(?P<t>\d+)")  # head top-1 on inputs noised to t (eval.robust_t)
 
 
 class Metric(NamedTuple):
@@ -24,7 +25,7 @@ class Metric(NamedTuple):
     unit: str = ""
     kind: str = ""
     objective: bool = False  # may be an Optuna objective (read off a trial's final report)
-    reduce: str = ""  # a per-step cost: how the report reduces a trial's train rows ("mean", "max")
+    reduce: str = ""  # a per-step cost: how the report reduces a trial's train rows ("mean", "max", "last")
 
 
 def _m(name, hib, unit="", kind="", objective=False, reduce="") -> Metric:
@@ -49,6 +50,13 @@ METRICS: dict[str, Metric] = _registry(
     _m("pixel_acc", True, "fraction", "perception"),
     _m("mc_acc", True, "fraction", "perception", objective=True),
     _m("head_ece", False, "fraction", "perception", objective=True),
+    # robustness (eval.robust_t; harness.evaluate.robust_metrics): head top-1 on x_t ~ q(x_t|x),
+    # binomial stderr, secondary (no objective); noise_sigma_t<t> = √(1−ᾱ_t), the input noise it
+    # was scored at. Another t resolves by ``lookup`` to head_acc's direction
+    _m("head_acc_t50", True, "fraction", "robustness"),
+    _m("head_acc_t150", True, "fraction", "robustness"),
+    _m("head_acc_t300", True, "fraction", "robustness"),
+    _m("noise_sigma", None, "√(1−ᾱ_t)", "robustness"),
     # generation (held out; heldout_loss (and heldout_loss_t<t> per timestep, see ``lookup``):
     # stderr over images; fd_ref: bootstrap stderr; sample_acc: binomial)
     _m("heldout_loss", False, "mse", "generation", objective=True),
@@ -58,6 +66,11 @@ METRICS: dict[str, Metric] = _registry(
     _m("kid_ref", False, "kernel units", "generation", objective=True),
     _m("guidance_scale", None, "", "generation"),  # the CFG scale the samples used (chosen when "auto")
     _m("sample_acc", True, "fraction", "generation", objective=True),
+    # the same three of the stochastic sampler (eval.samplers: ddpm: η = 1, eval.ddpm_steps), where
+    # the semantic σ factor acts; the plain names are the η = 0 DDIM sampler's
+    _m("fd_ref_ddpm", False, "feature units²", "generation", objective=True),
+    _m("kid_ref_ddpm", False, "kernel units", "generation", objective=True),
+    _m("sample_acc_ddpm", True, "fraction", "generation", objective=True),
     _m("ref_val_acc", True, "fraction", "generation"),  # the reference classifier's own
     # training rows: window means over the logged steps
     _m("acc", True, "fraction", "perception"),
@@ -81,10 +94,17 @@ METRICS: dict[str, Metric] = _registry(
     _m("stage", None, "", "loss"),
     # cost: per training step (reduced per trial in reports), then per evaluation
     _m("step_time", False, "s", "cost", objective=True, reduce="mean"),
-    _m("images_per_s", True, "images/s", "cost", reduce="mean"),
+    # the run's training images over its training seconds, so far (cumulative: the last row is
+    # the whole run's; a mean of per-step rates B/dt weighs fast steps more)
+    _m("images_per_s", True, "images/s", "cost", reduce="last"),
     _m("mc_evals", False, "forwards/step", "cost", objective=True, reduce="mean"),  # the teacher's
     _m("rss_mb", False, "MiB", "cost", reduce="max"),
     _m("eval_seconds", False, "s", "cost"),
+    # a trial's wall split (the final row): start-up (networks, engines, teacher inputs, loader,
+    # checkpoint restore; the last attempt's) and training (the run's steps, every attempt's);
+    # the final evaluation is its eval_seconds
+    _m("startup_s", False, "s", "cost"),
+    _m("train_s", False, "s", "cost"),
     _m("eval_network_evals", False, "forwards", "cost"),
     _m("mc_evals_per_image", False, "forwards/image", "cost"),
     _m("params_total", None, "parameters", "cost"),
@@ -105,6 +125,11 @@ METRICS: dict[str, Metric] = _registry(
     _m("seg_conflict", None, "fraction of tensors", "conflict"),
     _m("seg_shared", None, "fraction of tensors", "conflict"),
     _m("seg_norm_ratio_median", None, "‖g_p‖/‖g_g‖", "conflict"),  # over the tensors both reach
+    # strategy.scope: attention (genrep/strategies/scope.py): the aligned tensors' own values
+    _m("scope_cos", None, "", "conflict"),
+    _m("scope_update_change", None, "‖u − u_ref‖/‖u_ref‖", "conflict"),  # within the scope
+    _m("scope_tensors", None, "fraction of tensors", "conflict"),
+    _m("scope_params", None, "fraction of parameters", "conflict"),
     # the Monte Carlo teacher's own quality on held-out images (its top-1 is mc_acc)
     _m("teacher_nll", False, "nats", "teacher"),
     _m("teacher_ece", False, "fraction", "teacher"),
@@ -142,6 +167,12 @@ def objectives() -> dict[str, str]:
 def held_out() -> tuple[str, ...]:
     """The quality metrics a report shows per strategy: held-out objectives, registry order."""
     return tuple(n for n, m in METRICS.items() if m.objective and m.kind in ("perception", "generation"))
+
+
+def robustness(names) -> list[str]:
+    """The robustness metrics among ``names`` (``head_acc_t<t>``), by t."""
+    found = [(int(m["t"]), n) for n in set(names) if (m := ROBUST.fullmatch(n))]
+    return [n for _, n in sorted(found)]
 
 
 def costs() -> dict[str, str]:

@@ -94,24 +94,28 @@ def unflat(vec: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
 
 
 def global_gram(local: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-    """Gram matrices [S, 2, 2] of the rank-averaged task gradients ḡ = (1/W) Σ_r g_r.
+    """Gram matrices [S, 2, 2] (float64) of the rank-averaged task gradients ḡ = (1/W) Σ_r g_r.
 
     Reduce-scatter gives each rank a 1/W slice of ḡ_p and ḡ_g (2·D·(W−1)/W floats sent per
-    rank, half an all-reduce of the pair); the Gram matrix is a sum over coordinates, so the
-    slices' partial Grams add up to the full one with an all-reduce of 4·S floats. Measured
+    rank, half an all-reduce of the pair, in the gradients' dtype: the engine averages the
+    gradient itself in it too); the Gram matrix is a sum over coordinates, so the slices' partial
+    Grams (float64 whatever the gradients' dtype: genrep.strategies.gram_matrix) add up to the
+    full one with an all-reduce of 4·S float64s. Measured
     (perf P2dp, docs/performance.md): exactly 2·⌈D/W⌉·W + 4·S floats handed to collectives per
-    step; on gloo the pair's reduce-scatter took 14.7 ms where an all-reduce of it took 9.3 ms.
+    step (float32 Grams then; float64 now, 4·S·8 bytes); on gloo the pair's reduce-scatter took
+    14.7 ms where an all-reduce of it took 9.3 ms.
     """
     mine, seg, num = averaged_slice(local, segments)
     return _summed(strategies.gram_matrix(mine, seg, num_segments=num))
 
 
 def global_grams(local: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(whole-vector Gram [1, 2, 2], per-segment Grams [S, 2, 2]) of the rank-averaged task
-    gradients, from one reduce-scatter (as :func:`global_gram`) and two all-reduces of 4 and 4·S
-    floats. The whole-vector Gram is computed exactly as ``global_gram(local, None)`` computes it
-    (not as the segments' sum, which differs in the last float bits), so a whole-vector rule's
-    weights stay bitwise what they were; the per-segment Grams are the per-tensor telemetry."""
+    """(whole-vector Gram [1, 2, 2], per-segment Grams [S, 2, 2]), float64, of the rank-averaged
+    task gradients, from one reduce-scatter (as :func:`global_gram`) and two all-reduces of 4 and
+    4·S float64s. The whole-vector Gram is computed exactly as ``global_gram(local, None)`` computes
+    it (not as the segments' sum, which differs in the last bits), so a whole-vector rule's weights
+    are bitwise those of ``gram_matrix`` on the whole vector; the per-segment Grams are the
+    per-tensor telemetry, and the rule's own Grams at tensor granularity or with a scope."""
     mine, seg, num = averaged_slice(local, segments)
     return (_summed(strategies.gram_matrix(mine)),
             _summed(strategies.gram_matrix(mine, seg, num_segments=num)))
@@ -140,7 +144,8 @@ def averaged_slice(local: torch.Tensor, segments: torch.Tensor | None):
 
 
 def _summed(gram: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks of each rank's partial Gram (an all-reduce; nothing on one process)."""
+    """The sum over ranks of each rank's partial Gram (an all-reduce in the Gram's float64; nothing
+    on one process)."""
     if distributed():
         dist.all_reduce(gram)
     return gram

@@ -21,9 +21,10 @@ from genrep.diffusion import draw_denoising, make_scheduler
 from genrep.dense import segmentation_loss
 from genrep.losses import generation_loss, multitask_perception_loss, perception_loss
 from genrep.model import GenRepModel, build_model
+from genrep.pretrained import load_backbone
 from genrep.semantic import semantic_generation_loss
 from genrep.registry import Registry
-from genrep.strategies.telemetry import summarize
+from genrep.strategies.telemetry import scope_summary, summarize
 from harness import engine as ds
 from harness import parallel
 from harness.config import TrialConfig
@@ -53,8 +54,12 @@ class Network:
     """One GenRep network with its DeepSpeed engine and (optionally) an EMA teacher copy and a
     semantic network."""
 
-    def __init__(self, cfg: TrialConfig, world: int, seed: int, device: torch.device):
-        self.model: GenRepModel = build_model(cfg.model_config(), seed=seed).to(device)
+    def __init__(self, cfg: TrialConfig, world: int, seed: int, device: torch.device,
+                 init_dir: str | None = None):
+        model = build_model(cfg.model_config(), seed=seed)  # the heads: this seed's, always
+        if init_dir is not None:  # the warm start's backbone (harness.warmstart), before the engine
+            load_backbone(model, init_dir)  # copies the weights into its ZeRO partitions
+        self.model: GenRepModel = model.to(device)
         self.engine = ds.make_engine(self.model, cfg, world)
         # the EMA copy serves only as the teacher: none without one (β = 0), no copy to update
         mc = cfg.method.mc  # method.mc.source: self distils the EMA head's own predictions
@@ -62,7 +67,7 @@ class Network:
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema else None
         self.decay = cfg.method.ema_decay
         # the semantic network (method.semantic on): an EMA copy of this network, read only through
-        # semantic_features under no_grad; a copy of the step-0 network here, copied again at the
+        # semantic_map under no_grad; a copy of the step-0 network here, copied again at the
         # end of stage 1 (start_semantic), so it is the network as stage 2 begins either way
         sem = cfg.method.semantic
         self.sem = copy.deepcopy(self.model).requires_grad_(False) if sem.on else None
@@ -89,10 +94,10 @@ class Network:
                                  1 - self.sem_decay)
 
     @torch.no_grad()
-    def semantic_features(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x_sem [B, F]: the semantic network's pooled perception features of the clean images
-        (at t_p, ∅), no gradient; None when method.semantic is off."""
-        return None if self.sem is None else self.sem.semantic_features(x)
+    def semantic_map(self, x: torch.Tensor) -> torch.Tensor:
+        """x_sem [B, F, h, w]: the semantic network's perception feature map of x (at t_p, ∅), no
+        gradient; the generation loss decides what x is (method.semantic.train_source)."""
+        return self.sem.semantic_map(x)
 
     def teacher(self) -> GenRepModel:
         return self.ema if self.ema is not None else self.model
@@ -107,8 +112,9 @@ class Step:
 
     def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device,
                  calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 prior: torch.Tensor | None = None):
+                 prior: torch.Tensor | None = None, init_dir: str | None = None):
         self.cfg, self.shard, self.device = cfg, shard, device
+        self.init_dir = init_dir  # where every network's backbone starts (None: from scratch)
         self.alphas_cumprod = make_scheduler().alphas_cumprod.to(device)
         self.num_classes = cfg.model_config().num_classes
         self.teacher = Teacher(cfg, shard, device, self.alphas_cumprod, self.num_classes,
@@ -129,19 +135,21 @@ class Step:
         """(semantic network, x_sem source) for evaluation with semantic-driven generation, or None."""
         return None
 
-    def generation_loss(self, model: GenRepModel, x, y, step: int, x_sem: torch.Tensor | None = None):
+    def generation_loss(self, model: GenRepModel, x, y, step: int, semantic=None):
         """genrep's L_gen on this rank's rows of draws made for the global batch; given the
-        semantic network's features ``x_sem``, genrep.semantic's loss instead: L_gen of the
-        modulated ε (``method.semantic.enabled``) + vlb_weight·L_vlb + rep_align·L_rep."""
+        semantic network's map reader ``semantic`` (Network.semantic_map), genrep.semantic's loss
+        instead: L_gen of the modulated ε (``method.semantic.enabled``) + vlb_weight·L_vlb +
+        rep_align·L_rep, x_sem read off ``train_from`` (x̂_0, x_t or x_0)."""
         g = step_generator(self.cfg.seed, step, "denoise")
         draws = draw_denoising(self.shard.global_batch, tuple(x.shape[1:]), len(self.alphas_cumprod),
                                self.cfg.method.p_uncond, g).rows(self.shard.rows, self.device)
-        if x_sem is None:
+        if semantic is None:
             return generation_loss(model.eps, x, y, draws, self.alphas_cumprod, model.null_class)
         sem = self.cfg.method.semantic
-        return semantic_generation_loss(model, x, y, draws, self.alphas_cumprod, model.null_class, x_sem,
-                                        vlb_weight=sem.vlb_weight, rep_weight=sem.rep_align,
-                                        modulate=sem.enabled)
+        return semantic_generation_loss(model, x, y, draws, self.alphas_cumprod, model.null_class, semantic,
+                                        source=sem.train_from, vlb_weight=sem.vlb_weight,
+                                        rep_weight=sem.rep_align, modulate=sem.enabled,
+                                        vlb_weighting=sem.vlb_weighting)
 
     def perception_loss(self, model: GenRepModel, x, y, q, masks=None):
         """genrep's L_perc = Σ_k w_k·L_k over ``method.perception.tasks``: classify, L_ce + β·τ²·(1/B)
@@ -169,7 +177,7 @@ MODES: Registry[type] = Registry("training mode")
 class JointStep(Step):
     def __init__(self, cfg: TrialConfig, shard: Shard, device: torch.device, **teacher):
         super().__init__(cfg, shard, device, **teacher)
-        self.net = Network(cfg, shard.world, cfg.seed, device)
+        self.net = Network(cfg, shard.world, cfg.seed, device, self.init_dir)
         self.strategy = strategies.get(cfg.strategy.name)
         model = self.net.model
         self.shared, self.head = model.shared_parameters(), model.head_parameters()
@@ -177,6 +185,13 @@ class JointStep(Step):
         # that takes task gradients; the strategy's own segments are these or the whole vector
         self.tensors = strategies.segment_ids([p.numel() for p in self.shared]).to(device)
         self.segments = self.tensors if cfg.strategy.granularity == "tensor" else None
+        # strategy.scope: attention: the rule acts on the attention tensors (together, or each at
+        # tensor granularity), the rest take the task-weighted sum; None: every shared tensor
+        attention = model.attention_mask()
+        self.scope = (strategies.Scope.of(attention, cfg.strategy.granularity, device)
+                      if cfg.strategy.scope == "attention" else None)
+        self.scope_params = (sum(p.numel() for p, a in zip(self.shared, attention) if a)
+                             / sum(p.numel() for p in self.shared))  # share of D in scope
         self.state = None  # a stateful rule's running state (gradvac)
         self.buffer: torch.Tensor | None = None  # [2, D] task gradients, reused every step
 
@@ -205,7 +220,8 @@ class JointStep(Step):
         model, engine = self.net.model, self.net.engine
         q, mq = self.teacher.probs(self.net.teacher(), x, step)
         loss_p, mp = self.perception_loss(model, x, y, q, masks)
-        loss_g, mg = self.generation_loss(model, x, y, step, self.net.semantic_features(x))
+        semantic = self.net.semantic_map if self.net.sem is not None else None
+        loss_g, mg = self.generation_loss(model, x, y, step, semantic)
         check_finite(step, loss_perc=loss_p, loss_gen=loss_g)
         if self.strategy.needs_task_grads:
             tel = self.aligned_backward(loss_p, loss_g)
@@ -247,6 +263,17 @@ class JointStep(Step):
             return None
         return self.net.sem, sem.inference
 
+    def weights(self, whole: torch.Tensor, per_tensor: torch.Tensor):
+        """(w [T, 2] per shared tensor, the rule's telemetry): the rule on the whole vector's Gram
+        (granularity vector), on each tensor's (tensor), or on the scope's segments with the
+        task-weighted sum outside them (strategy.scope: attention)."""
+        if self.scope is not None:
+            return strategies.scope.scoped_weights(self.strategy, per_tensor, self.scope, self.state,
+                                                   self.options)
+        gram = per_tensor if self.segments is not None else whole
+        w, tel = self.strategy.resolved_weights(gram, self.state, self.options)
+        return w.reshape(-1, 2).expand(per_tensor.shape[0], 2), tel
+
     def aligned_backward(self, loss_p, loss_g) -> dict[str, float]:
         """Task gradients → global Gram matrix → strategy weights → combined gradient.
 
@@ -259,15 +286,20 @@ class JointStep(Step):
         g_p = torch.autograd.grad(loss_p, params, allow_unused=True)
         g_g = torch.autograd.grad(loss_g, self.shared, allow_unused=True)
         local = self.task_grads(g_p[:n], g_g)
-        whole, per_tensor = parallel.global_grams(local, self.tensors)
-        gram = per_tensor if self.segments is not None else whole
-        w, tel = self.strategy.resolved_weights(gram, self.state, self.options)
+        whole, per_tensor = parallel.global_grams(local, self.tensors)  # float64 [1|T, 2, 2]
+        w, tel = self.weights(whole, per_tensor)
         self.state = tel.pop("state", self.state)
         task_weights = self.task_weights
-        # per-tensor telemetry for every granularity: a whole-vector rule's weights apply to every
-        # tensor, so update_change over the per-tensor Grams is the whole vector's (Σ_s G_s = G)
-        summary = summarize(per_tensor, w.reshape(-1, 2).expand(per_tensor.shape[0], 2), tel, task_weights)
-        combined = strategies.apply_weights(local, w, self.segments, in_place=True)
+        # per-tensor telemetry for every granularity and scope: w is per tensor, so update_change
+        # over the per-tensor Grams is the whole update's (Σ_s G_s = G)
+        summary = summarize(per_tensor, w, tel, task_weights)
+        if self.scope is not None:
+            summary |= {**scope_summary(per_tensor, w, self.scope.mask, task_weights),
+                        "scope_params": self.scope_params}
+        # one weight pair for the whole vector: one in-place pass, else one per tensor block
+        whole_vector = self.segments is None and self.scope is None
+        combined = strategies.apply_weights(local, w[:1] if whole_vector else w,
+                                            None if whole_vector else self.tensors, in_place=True)
         # the heads (classification, and segmentation when on: model.head_parameters) take their
         # own task's gradient, unaligned but task-weighted as in sum's w_p·L_p
         head = [task_weights[0] * g if g is not None else torch.zeros_like(p)
@@ -290,8 +322,9 @@ class SeparateStep(Step):
             raise ValueError("method.semantic and train.stage1_steps need one unified network; "
                              "separate trains two that share nothing")
         super().__init__(cfg, shard, device, **teacher)
-        self.perc = Network(cfg, shard.world, cfg.seed, device)
-        self.gen = Network(cfg, shard.world, cfg.seed + 10_000, device)
+        # both from the warm start's backbone, when there is one (heads: each its own seed's)
+        self.perc = Network(cfg, shard.world, cfg.seed, device, self.init_dir)
+        self.gen = Network(cfg, shard.world, cfg.seed + 10_000, device, self.init_dir)
 
     def networks(self) -> dict[str, Network]:
         return {"perception": self.perc, "generation": self.gen}
@@ -313,7 +346,9 @@ class SeparateStep(Step):
 
 def make_step(cfg: TrialConfig, shard: Shard, device: torch.device,
               calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
-              prior: torch.Tensor | None = None) -> Step:
+              prior: torch.Tensor | None = None, init_dir: str | None = None) -> Step:
     """The trial's step in its training mode, with the teacher's inputs
-    (harness.teacher.teacher_inputs: calibration images for ``mc.tau: auto``, the class prior)."""
-    return MODES.get(mode_of(cfg.strategy.name))(cfg, shard, device, calibration=calibration, prior=prior)
+    (harness.teacher.teacher_inputs: calibration images for ``mc.tau: auto``, the class prior) and
+    the warm start's backbone directory (harness.warmstart), if any."""
+    return MODES.get(mode_of(cfg.strategy.name))(cfg, shard, device, calibration=calibration, prior=prior,
+                                                 init_dir=init_dir)

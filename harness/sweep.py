@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness import atomic, results
+from harness import atomic, results, warmstart
 from harness.config import ConfigError, Loaded, SweepConfig, TrialConfig
 from harness.data import resolve_dataset
 from harness.ports import free_port
@@ -225,10 +225,13 @@ def trial_log():
 def make_tuner(cfg: SweepConfig, resume: bool):
     from ray import tune
 
-    data = resolve_dataset(cfg).plain()  # plain: the Tune trainable only passes it on
-    storage = str(Path(cfg.output_dir).resolve() / "ray")
+    dataset, storage = resolve_dataset(cfg), str(Path(cfg.output_dir).resolve() / "ray")
+    init = warmstart.resolve_init(cfg, dataset, storage)  # trained once here, before any trial
+    warmstart.record(init, cfg.output_dir)
+    data = dataset.plain()  # plain: the Tune trainable only passes it on
     # validated here, once: each trial gets its arm's resolved config, never the sweep file
-    fn = tune.with_parameters(run_trial, arms=arm_configs(cfg), data=data, storage=storage)
+    fn = tune.with_parameters(run_trial, arms=arm_configs(cfg), data=data, storage=storage,
+                              init_dir=init["dir"] if init else None)
     trainable = tune.with_resources(fn, {"cpu": 0.01})  # the driver only waits on its trainer
     if cfg.search:
         # train rows carry acc (ASHA's metric), the final row the held-out objectives: no row has
@@ -308,7 +311,7 @@ def trial_rows(res, cfg: SweepConfig, tune_trial, saved: dict[str, str], sha: st
     overrides = params.get("overrides") or {}
     tree = trial.to_dict() | ({"params": overrides} if overrides else {})  # grid/search values
     if cfg.preregistration:  # in every row, so the report is a function of the results alone
-        tree["preregistration"] = asdict(cfg.preregistration.resolved(cfg.labels()))
+        tree["preregistration"] = asdict(cfg.preregistration.resolved(cfg.labels(), cfg.seed_offsets()))
     fields = results.trial_fields(tree, trial_name(trial), trial.hash(), status, error, sha, vers)
     rows = results.long_rows(history(res), fields)
     if status == "failed":
@@ -436,7 +439,10 @@ def run_single(sweep: SweepConfig, strategy: str, seed: int | None = None,
     trial = cfg.arm(strategy, cfg.seeds[0] if seed is None else seed)
     init_ray(address, verbose)
     storage = str(Path(cfg.output_dir).resolve() / "ray")
-    res = fit(trial, resolve_dataset(cfg).plain(), storage, f"single-{trial_name(trial)}", in_tune=False)
+    dataset = resolve_dataset(cfg)
+    init = warmstart.resolve_init(cfg, dataset, storage)
+    res = fit(trial, dataset.plain(), storage, f"single-{trial_name(trial)}", in_tune=False,
+              init_dir=init["dir"] if init else None)
     fields = results.trial_fields(trial.to_dict(), trial_name(trial), trial.hash(),
                                   "failed" if res.error else "ok", results.error_text(res.error),
                                   results.git_sha(), results.versions())

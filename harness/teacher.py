@@ -21,6 +21,7 @@ from genrep.posterior import McResult, draw_mc, fit_temperature, mc_posterior, p
 from genrep.reverse_chain import draw_chain_noise, reverse_chain_posterior
 from harness.config import TrialConfig
 from harness.data import Dataset, labelled_images
+from harness.data.splits import label_noise
 from harness.parallel import Shard, step_generator
 
 
@@ -31,7 +32,8 @@ def teacher_inputs(cfg: TrialConfig, dataset: Dataset, device) -> dict[str, torc
     (``mc.prior: train``: the training split's class frequencies from the manifest)."""
     mc, d, out = cfg.method.mc, cfg.data, {"calibration": None, "prior": None}
     if mc.tau == "auto":
-        x, y = labelled_images(dataset.train, mc.calibrate_images, d.labelled_fraction, d.label_seed)
+        x, y = labelled_images(dataset.train, mc.calibrate_images, d.labelled_fraction, d.label_seed,
+                               **label_noise(cfg))  # the labels as this trial trains on them
         out["calibration"] = (x.to(device), y.to(device))
     if mc.prior == "train":
         if dataset.class_counts is None:
@@ -117,7 +119,8 @@ class Teacher:
         when given (so W ranks draw what one rank on the whole batch draws), else for x alone.
         ``forward``: genrep.posterior.mc_posterior with K draws (``k``, default mc.k), pruned when
         ``prune`` and mc.prune_k < K; ``reverse_chain``: genrep.reverse_chain_posterior with
-        mc.chain_steps, burn_in, thin, eta, chain_start (its errors are on the Bayes scale by construction).
+        mc.chain_steps, burn_in, thin, eta, chain_start, chain, aggregate (its errors are on the
+        Bayes scale by construction).
         """
         mc, shape = self.cfg.method.mc, tuple(x.shape[1:])
         total = x.shape[0] * (self.shard.world if rows is not None else 1)
@@ -126,7 +129,8 @@ class Teacher:
             noise = take(draw_chain_noise(mc.chain_steps, total, shape, g))
             return reverse_chain_posterior(eps_fn, x, self.num_classes, self.alphas_cumprod,
                                            steps=mc.chain_steps, burn_in=mc.burn_in, thin=mc.thin,
-                                           tau_mc=tau, eta=mc.eta, noise=noise, start=mc.chain_start,
+                                           chain=mc.chain, aggregate=mc.aggregate, tau_mc=tau,
+                                           eta=mc.eta, noise=noise, start=mc.chain_start,
                                            chunk_size=mc.chunk_size, prior=self.prior)
         k = k or mc.k
 

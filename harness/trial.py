@@ -74,10 +74,12 @@ def worker_env() -> dict[str, str]:
 
 
 def fit(cfg: TrialConfig, data: dict[str, Any], storage: str, name: str, in_tune: bool,
-        trial_dir: str | None = None):
+        trial_dir: str | None = None, init_dir: str | None = None, save_to: str | None = None):
     """Build and fit the TorchTrainer of one trial; returns Ray Train's Result. ``data``: the
     sweep's dataset (harness.data.resolve_dataset, resolved once at the driver) as
-    ``Dataset.plain()``; ``trial_dir``: where the evaluations' sample grids go."""
+    ``Dataset.plain()``; ``trial_dir``: where the evaluations' sample grids go; ``init_dir``: the
+    warm start's backbone (harness.warmstart); ``save_to``: where the warm start's own run saves
+    its trained backbone."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -88,7 +90,8 @@ def fit(cfg: TrialConfig, data: dict[str, Any], storage: str, name: str, in_tune
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"trial": cfg.to_dict(), "data": data, "trial_dir": trial_dir},
+        train_loop_config={"trial": cfg.to_dict(), "data": data, "trial_dir": trial_dir,
+                           "init_dir": init_dir, "save_to": save_to},
         scaling_config=scaling_config(cfg), torch_config=torch_config(cfg),
         run_config=RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
@@ -106,7 +109,8 @@ def trial_name(cfg: TrialConfig) -> str:
     return f"{cfg.variant}-seed{cfg.seed}-{cfg.hash()}"
 
 
-def run_trial(params: dict[str, Any], arms: dict[str, dict], data: dict[str, Any], storage: str) -> None:
+def run_trial(params: dict[str, Any], arms: dict[str, dict], data: dict[str, Any], storage: str,
+              init_dir: str | None = None) -> None:
     """The Tune function trainable: one arm × seed of the sweep (plus grid or searched values)."""
     import ray.tune
 
@@ -114,15 +118,17 @@ def run_trial(params: dict[str, Any], arms: dict[str, dict], data: dict[str, Any
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
     start = time.perf_counter()
     log.warning("trial start: %s (strategy %s) seed=%d", cfg.variant, cfg.strategy.name, cfg.seed)
-    fit(cfg, data, storage, f"train-{trial_name(cfg)}", in_tune=True, trial_dir=str(trial_dir))
+    fit(cfg, data, storage, f"train-{trial_name(cfg)}", in_tune=True, trial_dir=str(trial_dir),
+        init_dir=init_dir)
     log.warning("trial end: %s seed=%d wall=%.1fs", cfg.variant, cfg.seed,
                 time.perf_counter() - start)
 
 
 def arm_configs(sweep: SweepConfig) -> dict[str, dict[str, Any]]:
-    """Each arm's resolved TrialConfig as a plain dict (at the sweep's first seed, without grid or
-    search values): what the driver ships to every trial."""
-    return {label: sweep.arm(label, sweep.seeds[0]).to_dict() for label in sweep.labels()}
+    """Each arm's resolved TrialConfig as a plain dict (at seed 0, so its seed is the arm's seed
+    offset, 0 but for an A/A control; without grid or search values): what the driver ships to
+    every trial."""
+    return {label: sweep.arm(label, 0).to_dict() for label in sweep.labels()}
 
 
 def resolve(sweep: SweepConfig | dict[str, dict[str, Any]], params: dict[str, Any]) -> TrialConfig:
@@ -132,4 +138,5 @@ def resolve(sweep: SweepConfig | dict[str, dict[str, Any]], params: dict[str, An
     :func:`arm_configs` (in a trial); both give the same config, :meth:`SweepConfig.arm`'s."""
     label = params.get("variant", params.get("strategy"))
     arm = sweep.arm(label, 0) if isinstance(sweep, SweepConfig) else trial_from_dict(sweep[label])
-    return apply_overrides(dataclasses.replace(arm, seed=int(params["seed"])), params.get("overrides") or {})
+    seed = arm.seed + int(params["seed"])  # an arm at seed 0 carries its seed offset
+    return apply_overrides(dataclasses.replace(arm, seed=seed), params.get("overrides") or {})

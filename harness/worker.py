@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from genrep.pretrained import save_backbone
 from harness import parallel
 from harness.config import TrialConfig, trial_from_dict
 from harness.data import Dataset, forever, train_loader
@@ -55,13 +56,16 @@ class Window:
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's ``train_loop_per_worker``: ``config = {"trial": TrialConfig dict, "data":
-    harness.data.Dataset as a dict, "trial_dir": where sample grids go (None: nowhere)}``.
+    harness.data.Dataset as a dict, "trial_dir": where sample grids go (None: nowhere),
+    "init_dir": the warm start's backbone (None: from scratch), "save_to": where the trained
+    backbone goes (the warm start's own run; None: nowhere)}``.
 
     Returns the final (held-out) report: Ray Train V2 keeps in ``Result.metrics_dataframe`` only
     reports that came with a kept checkpoint, so ``genrep-bench train`` reads the final one here.
     """
     import ray.train
 
+    t_enter = time.perf_counter()
     cfg: TrialConfig = trial_from_dict(config["trial"])
     dataset = Dataset(**config["data"])
     ctx = ray.train.get_context()
@@ -70,13 +74,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker else torch.device("cpu")
     shard = Shard(rank, world, cfg.train.batch_size // world)
-    step_fn = make_step(cfg, shard, device, **teacher_inputs(cfg, dataset, device))
+    step_fn = make_step(cfg, shard, device, **teacher_inputs(cfg, dataset, device),
+                        init_dir=config.get("init_dir"))
     loader = train_loader(cfg, dataset, shard.local, rank, world)
     trial_dir = config.get("trial_dir")  # where the evaluations' sample grids go
-    # timed: the whole run's means (the final report's step_time and mc_evals), checkpointed so
-    # that a resumed trial reports the means of every step, not of its last attempt's
+    # timed: the whole run's means (the final report's step_time and mc_evals; every report's
+    # images_per_s), checkpointed so that a resumed trial reports the means of every step, not of
+    # its last attempt's
     batches, window, timed = forever(loader), Window(), Window()
     start = restore(step_fn, loader, timed)
+    startup_s = time.perf_counter() - t_enter  # this attempt's: networks, engines, data, restore
     for step in range(start, cfg.train.steps):
         if due_evaluation(cfg, step):  # after `step` steps; a resumed trial repeats it (same values)
             held_out = evaluate_trial(step_fn, cfg, dataset, shard, device, step, trial_dir)
@@ -87,21 +94,34 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         metrics = step_fn(x.to(device), y.to(device), step, *(m.to(device) for m in masks))
         dt = time.perf_counter() - t0
-        window.add({**metrics, "step_time": dt, "images_per_s": cfg.train.batch_size / dt})
+        window.add({**metrics, "step_time": dt})
         # the final report's means, search objectives (harness.search): seconds and teacher
         # forwards per training step (mc_evals is 0 on a step without teacher)
         timed.add({"step_time": dt, "mc_evals": metrics.get("mc_evals", 0.0)})
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             row = {**window.means(), "step": done, "split": "train", "rss_mb": rss_mb(),
+                   "images_per_s": images_per_s(timed, cfg.train.batch_size),
                    "skipped_samples": float(loader.skipped)}
             report(row, step_fn, loader, done, timed, due_checkpoint(cfg, done))
             window = Window()
     final = evaluate_trial(step_fn, cfg, dataset, shard, device, trial_dir=trial_dir)  # rank 0 scores
-    final = {**final, **timed.means(), "step": cfg.train.steps, "split": cfg.eval.split, "done": True}
+    final = {**final, **timed.means(), "images_per_s": images_per_s(timed, cfg.train.batch_size),
+             "startup_s": startup_s, "train_s": timed.sums.get("step_time", 0.0),
+             "step": cfg.train.steps, "split": cfg.eval.split, "done": True}
+    if config.get("save_to") and rank == 0:  # the warm start's run: its backbone, for every trial
+        save_backbone(step_fn.networks()["joint"].model, Path(config["save_to"]) / "backbone")
     report(final, step_fn, loader, cfg.train.steps, timed, checkpoint=False)
     parallel.barrier()
     return final
+
+
+def images_per_s(timed: Window, batch_size: int) -> float:
+    """Σ images / Σ seconds over the run's timed steps so far, B·n / Σ_i dt_i: a mean of the
+    per-step rates B/dt_i weighs a fast step more (in the ablation it put the arm with the slower
+    steps ahead, its fast stage-1 steps counting as much as the slow joint ones)."""
+    seconds = timed.sums.get("step_time", 0.0)
+    return batch_size * timed.counts.get("step_time", 0) / seconds if seconds > 0 else float("nan")
 
 
 def rss_mb() -> float:

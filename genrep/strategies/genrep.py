@@ -21,7 +21,10 @@ and the projection uses the other task's *original* gradient, as PCGrad does.
 Option `align` says which gradients are aligned (λ of the other side is 1, it is kept whole):
     "both"        λ_p = λ_g = λ     (symmetric, the paper's method)
     "generation"  λ_g = λ, λ_p = 1  (only g_g aligned: the paper's one-sided ablation)
-    "perception"  λ_p = λ, λ_g = 1  (only g_p aligned)
+    "perception"  λ_p = λ, λ_g = 1  (only g_p aligned: OURS, not in the paper; `onesided_p`)
+The sweeps' `onesided` arm is "generation" (issue 30: it ran "perception" before). Where the rule
+acts (every shared tensor, or the attention tensors with the rest summed) is the harness's
+`strategy.scope` (genrep/strategies/scope.py), not an option of the rule.
 `align` replaces the retired `one_sided` option, whose True damped only g_p∥ (w_p stayed 1): that
 is align="perception" — NOT the paper's one-sided ablation ("generation"). Passing `one_sided`
 is an error naming `align`.

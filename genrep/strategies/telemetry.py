@@ -9,7 +9,9 @@ Per segment s with Gram G_s and weights w_s = [w_p, w_g]:
 The whole-vector values come from the Gram summed over segments. The harness hands over per-tensor
 Grams on every arm that takes task gradients (a whole-vector rule's weights broadcast to every
 tensor, so the update change is the whole vector's), so the per-tensor values below exist
-whatever the strategy's granularity.
+whatever the strategy's granularity. With ``strategy.scope: attention`` (genrep/strategies/scope.py)
+the per-tensor weights are the rule's inside the scope and the task weights outside, so the
+update change is still the whole update's; `scope_summary` adds the scope's own values.
 """
 from __future__ import annotations
 
@@ -63,5 +65,17 @@ def summarize(gram: torch.Tensor, w: torch.Tensor, tel: Telemetry, ref=(1.0, 1.0
                     "seg_norm_ratio_median": float(torch.quantile(ratio, 0.5))}
     for key in ("conflict", "damping", "w_p", "w_g"):
         if key in tel and torch.is_tensor(tel[key]):
-            out[key] = float(tel[key].float().mean())
+            out[key] = float(tel[key].double().mean())
     return out
+
+
+def scope_summary(gram: torch.Tensor, w: torch.Tensor, in_scope: torch.Tensor, ref=(1.0, 1.0)) -> dict[str, float]:
+    """The scope's own values for per-tensor Grams [T, 2, 2], weights [T, 2] and in_scope [T]:
+    ``scope_cos``, cos(g_p, g_g) on the in-scope tensors together (their Grams summed);
+    ``scope_update_change``, ‖u − u_ref‖/‖u_ref‖ over them alone (outside the scope w = r, so the
+    whole-update change is this one scaled by ‖u_ref,scope‖/‖u_ref‖); ``scope_tensors``, their
+    share of the tensors."""
+    gram, w = gram.reshape(-1, 2, 2)[in_scope], w.reshape(-1, 2)[in_scope]
+    return {"scope_cos": float(gram_stats(gram.sum(0)).cos),
+            "scope_update_change": float(update_change(gram, w, ref)),
+            "scope_tensors": float(in_scope.float().mean())}

@@ -15,23 +15,29 @@ trial's set of overrides together. The driver validates once; each trial gets it
 TrialConfig and rebuilds it with :func:`trial_from_dict`, without sweep-level checks.
 
 Modules, each importing only those above it: ``convert`` (mapping → dataclass, ConfigError,
-overrides), ``schema`` (the dataclasses, each field's range beside it), ``checks`` (the rules
-across fields), ``parse`` (YAML, ``from_dict``, ``load``).
+overrides), ``schema`` (one trial's dataclasses, each field's range beside it), ``sweep_schema``
+(what a sweep adds: variants, search, pre-registration, SweepConfig), ``registration`` (the
+pre-registration's rules), ``checks`` (the rules across fields), ``parse`` (YAML, ``from_dict``,
+``load``).
 """
 from harness.config.checks import FIXED_FIELDS, ZERO3, check_override
 from harness.config.convert import ConfigError, apply_overrides, check, replace_path
 from harness.config.parse import Loaded, from_dict, load, preregistration_from_dict, trial_from_dict
-from harness.config.schema import (TRAIN_METRICS, AblationRow, DataConfig, DeepSpeedConfig,
-                                   EvalConfig, McConfig, MethodConfig, ModelSection, ParamSpec,
-                                   PerceptionConfig, PreregistrationConfig, ResourcesConfig,
-                                   SchedulerConfig, SearchConfig, SemanticConfig, StrategyConfig,
-                                   SweepConfig, TaskWeights, TrainConfig, TrialConfig, VariantConfig)
+from harness.config.schema import (DataConfig, DeepSpeedConfig, EvalConfig, InitConfig, McConfig,
+                                   MethodConfig, ModelSection, PerceptionConfig, PretrainConfig,
+                                   ResourcesConfig, SemanticConfig, StrategyConfig, TaskWeights,
+                                   TrainConfig, TrialConfig)
+from harness.config.sweep_schema import (TRAIN_METRICS, AblationRow, Comparison, ControlsConfig,
+                                         ParamSpec, PilotConfig, PositiveControl,
+                                         PreregistrationConfig, SchedulerConfig, SearchConfig,
+                                         SweepConfig, VariantConfig)
 
 __all__ = [
     "FIXED_FIELDS", "TRAIN_METRICS", "ZERO3", "AblationRow", "ConfigError", "DataConfig",
-    "DeepSpeedConfig", "EvalConfig", "Loaded", "McConfig", "MethodConfig", "ModelSection",
-    "ParamSpec", "PerceptionConfig", "PreregistrationConfig", "ResourcesConfig", "SchedulerConfig",
+    "DeepSpeedConfig", "EvalConfig", "InitConfig", "Loaded", "McConfig", "MethodConfig", "ModelSection",
+    "ParamSpec", "PerceptionConfig", "PreregistrationConfig", "PretrainConfig", "ResourcesConfig", "SchedulerConfig",
     "SearchConfig", "SemanticConfig", "StrategyConfig", "SweepConfig", "TaskWeights", "TrainConfig",
     "TrialConfig", "VariantConfig", "apply_overrides", "check", "check_override", "from_dict",
     "load", "preregistration_from_dict", "replace_path", "trial_from_dict",
+    "Comparison", "ControlsConfig", "PilotConfig", "PositiveControl",
 ]

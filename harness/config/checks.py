@@ -4,7 +4,8 @@
 (:func:`harness.config.convert.build`): the strategies and their options, the model's preset and
 overrides, the sections that must agree (dense perception, the two stages, the evaluation split),
 and every override of the ``grid:``, ``variants:`` and ``search:`` sections, each validated as if
-written into the file (:func:`check_override`), and the pre-registration against the arms.
+written into the file (:func:`check_override`), and the pre-registration against the arms
+(:mod:`harness.config.registration`).
 harness.modes and genrep are imported inside the checks that need them: they import torch, which
 a trial rebuilding its config (``trial_from_dict``) must not pay.
 """
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from typing import Any
 
 from harness.config.convert import ConfigError, build, check, convert, violation
-from harness.config.schema import (POSITIVE, ModelSection, ParamSpec, PreregistrationConfig,
-                                   SearchConfig, SweepConfig, TrialConfig, known_strategies)
+from harness.config.registration import check_preregistration
+from harness.config.schema import POSITIVE, ModelSection, TrialConfig, known_strategies
+from harness.config.sweep_schema import ParamSpec, SearchConfig, SweepConfig
 from harness.metrics import objectives
 
 # ZeRO-3 is refused here, before Ray starts, with the reason harness.engine gives
@@ -25,13 +28,33 @@ ZERO3 = ("deepspeed.zero_stage: 3 is not supported: ZeRO-3 partitions the parame
          "0, 1 or 2")
 
 
+def _check_init(cfg: SweepConfig, where: str) -> None:
+    """One warm start: a pretraining run or a saved directory, not both; a directory that
+    ``save_pretrained`` wrote (its architecture is checked against the model when it is loaded,
+    at the driver: harness.init)."""
+    init = cfg.init
+    if init.pretrain is not None and init.path is not None:
+        raise ConfigError(f"{where}: init: give pretrain (a run made and cached here) or path (a saved "
+                          "backbone), not both")
+    if init.path is not None and not (Path(init.path).expanduser() / "config.json").is_file():
+        raise ConfigError(f"{where}: init.path: {init.path!r} is no save_pretrained directory "
+                          "(no config.json in it)")
+    if init.pretrain is not None and init.pretrain.loss == "joint" and not cfg.method.use_ce \
+            and "segment" not in cfg.method.perception.tasks:
+        raise ConfigError(f"{where}: init.pretrain.loss: joint trains the perception loss, and "
+                          "method.use_ce is false with no segment task: it would have none")
+
+
 def cross_checks(cfg: SweepConfig, where: str) -> None:
     """The rules that span several fields; ``where`` (the file) starts every error."""
     known = known_strategies()
     for s in cfg.strategies:
         if s not in known:
             raise ConfigError(f"{where}: strategies: unknown strategy {s!r}; known: {sorted(known)}")
-    _check_model(cfg.model, where)
+    if not cfg.labels():
+        raise ConfigError(f"{where}: strategies: empty and no variants: the sweep has no arm")
+    _check_scope(cfg, _check_model(cfg.model, where), where)
+    _check_init(cfg, where)
     if cfg.deepspeed.zero_stage == 3:
         raise ConfigError(f"{where}: {ZERO3}")
     if cfg.train.batch_size % cfg.resources.workers:
@@ -43,6 +66,10 @@ def cross_checks(cfg: SweepConfig, where: str) -> None:
     if mc.burn_in >= mc.chain_steps:
         raise ConfigError(f"{where}: method.mc.burn_in: {mc.burn_in} leaves no state of a "
                           f"{mc.chain_steps}-step chain (must be < chain_steps)")
+    if mc.chain == "tied" and mc.eta == 0:
+        raise ConfigError(f"{where}: method.mc.chain: tied needs method.mc.eta > 0 (1 by default), "
+                          "got eta 0: the tied chain keeps ε* fixed at eta 0, so every kept state "
+                          "would carry the same noise")
     if mc.chain_start is not None and mc.chain_start < mc.chain_steps - 1:
         raise ConfigError(f"{where}: method.mc.chain_start: {mc.chain_start} is below chain_steps − 1 = "
                           f"{mc.chain_steps - 1}: a {mc.chain_steps}-step chain needs distinct timesteps")
@@ -67,7 +94,7 @@ def cross_checks(cfg: SweepConfig, where: str) -> None:
     _check_variants(cfg, where)
     _check_combinations(cfg, where)
     _check_search(cfg, where)
-    _check_preregistration(cfg, where)
+    check_preregistration(cfg, where)
 
 
 MASK_SOURCES = ("shapes",)  # sources that pack per-pixel class masks (docs/data.md)
@@ -142,14 +169,15 @@ TIMESTEPS = 1000  # T of genrep.diffusion.make_scheduler: t_perception is a time
 # the ranges of genrep.model.ModelConfig's fields (genrep declares no harness metadata)
 MODEL_CHECKS = {
     **dict.fromkeys(("image_size", "channels", "num_classes", "layers_per_block", "norm_num_groups",
-                     "dit_depth", "dit_heads", "dit_head_dim", "dit_patch", "head_hidden"), POSITIVE),
+                     "dit_depth", "dit_heads", "dit_head_dim", "dit_patch", "head_hidden", "sem_hidden",
+                     "sem_width", "attention_levels"), POSITIVE),
     "block_out_channels": check(lambda v: len(v) > 0 and min(v) > 0, "must be a non-empty list of integers > 0"),
     "head": check(lambda v: v in ("linear", "mlp"), "must be linear or mlp"),
     "t_perception": check(lambda v: 0 <= v < TIMESTEPS, f"must be in [0, {TIMESTEPS})"),
 }
 
 
-def _check_model(model: ModelSection, where: str) -> None:
+def _check_model(model: ModelSection, where: str):
     """The preset; each override by the type and range of its genrep.model.ModelConfig field; then
     the sizes the backbone needs, blamed on an override where one is involved."""
     from genrep.model import BACKBONES, PRESETS, ModelConfig
@@ -181,9 +209,27 @@ def _check_model(model: ModelSection, where: str) -> None:
         if any(c % m.norm_num_groups for c in m.block_out_channels):
             raise fail(("norm_num_groups", "block_out_channels"), f"norm_num_groups {m.norm_num_groups} "
                        f"does not divide every block_out_channels {m.block_out_channels}")
+        if m.attention_levels > 1 and not m.attention:
+            raise fail(("attention_levels",), "attention_levels > 1 needs attention: true")
+        if m.attention_levels > len(m.block_out_channels):
+            raise fail(("attention_levels", "block_out_channels"), f"attention_levels {m.attention_levels} "
+                       f"exceeds the UNet's {len(m.block_out_channels)} levels")
     elif m.backbone == "dit" and m.image_size % m.dit_patch:
         raise fail(("image_size", "dit_patch"), f"image_size {m.image_size} is not divisible by "
                    f"dit_patch {m.dit_patch}")
+    return m
+
+
+def _check_scope(cfg: SweepConfig, model, where: str) -> None:
+    """``scope: attention`` needs attention tensors among the shared parameters (genrep.model
+    ``attention_size``: diffusers Attention modules). It is checked for every arm: for `sum` and
+    `separate` (no task gradients) the scope changes nothing, but the sweep would claim it."""
+    from genrep.model import attention_size
+
+    if cfg.scope == "attention" and attention_size(model)[0] == 0:
+        raise ConfigError(f"{where}: scope: attention, but model.preset {cfg.model.preset!r} with its "
+                          "overrides has no attention tensors (diffusers Attention modules) among its "
+                          "shared parameters; use scope: all, or a model with attention")
 
 
 # ---------------------------------------------------------------- grid, variants, search
@@ -192,7 +238,9 @@ FIXED_FIELDS = {"name": "name", "seed": "seeds", "output_dir": "output_dir", "va
                 # the shards are packed (or their URLs resolved) once per sweep, before any trial
                 **{f"data.{k}": f"data.{k} (one dataset per sweep)"
                    for k in ("source", "image_size", "count", "shard_size", "split", "root", "urls",
-                             "shapes_per_image", "masks")}}
+                             "shapes_per_image", "masks")},
+                # the warm start is trained (or loaded) once per sweep, before any trial
+                "init": "init (one warm start per sweep)"}
 
 
 def _sweep_path(path: str, strategy: str) -> list[str]:
@@ -204,11 +252,12 @@ def _sweep_path(path: str, strategy: str) -> list[str]:
     if parts[0] not in trial_fields:
         raise ValueError(f"unknown field {parts[0]!r}; known: {sorted(trial_fields - set(FIXED_FIELDS))}")
     if parts[0] == "strategy":
-        if parts[1:] == ["granularity"]:
-            return ["granularity"]
+        if parts[1:] in (["granularity"], ["scope"]):
+            return parts[1:]
         if len(parts) == 3 and parts[1] == "options":
             return ["strategy_options", strategy, parts[2]]
-        raise ValueError("only strategy.granularity and strategy.options.<option> can be overridden")
+        raise ValueError("only strategy.granularity, strategy.scope and strategy.options.<option> "
+                         "can be overridden")
     return parts
 
 
@@ -292,80 +341,6 @@ def _check_search(cfg: SweepConfig, where: str) -> None:
             check_override(cfg, {path: value}, cfg.strategies[0], f"search.space.{path}", where)
     if s.scheduler and s.scheduler.grace_period >= cfg.train.steps:
         raise ConfigError(f"{where}: search.scheduler.grace_period: must be < train.steps = {cfg.train.steps}")
-
-
-# a primary metric the held-out evaluation only produces with this perception task
-PRIMARY_NEEDS_TASK = {"head_acc": "classify", "head_ece": "classify", "miou": "segment",
-                      "pixel_acc": "segment"}
-
-
-def _check_preregistration(cfg: SweepConfig, where: str) -> None:
-    """The arms exist, every primary metric is a registered held-out metric every arm produces and
-    has a margin > 0, and the sweep runs at least the pre-registered number of paired seeds."""
-    from harness.metrics import held_out
-
-    p, at = cfg.preregistration, "preregistration"
-    if p is None:
-        return
-    if cfg.search or cfg.grid:
-        raise ConfigError(f"{where}: {at}: pairs fixed arms on seeds; a search or a grid crosses an "
-                          "arm with several configurations (use variants)")
-    arms = cfg.labels()
-    named = (("baseline", p.baseline), *((f"comparisons[{i}]", a) for i, a in enumerate(p.comparisons)))
-    for field_, name in named:
-        if name not in arms:
-            raise ConfigError(f"{where}: {at}.{field_}: {name!r} is no arm of this sweep; arms: {list(arms)}")
-    if p.baseline in p.comparisons or len(set(p.comparisons)) != len(p.comparisons):
-        raise ConfigError(f"{where}: {at}.comparisons: distinct arms other than the baseline {p.baseline!r}")
-    tasks = {a: cfg.arm(a, cfg.seeds[0]).method.perception.tasks for a in arms}
-    for i, m in enumerate(p.primary):
-        if m not in held_out() and m != "pixel_acc":
-            raise ConfigError(f"{where}: {at}.primary[{i}]: {m!r} is not a held-out metric of the "
-                              f"registry (harness.metrics); known: {sorted({*held_out(), 'pixel_acc'})}")
-        need = PRIMARY_NEEDS_TASK.get(m)
-        lacking = [a for a in (p.baseline, *(p.comparisons or arms)) if need and need not in tasks[a]]
-        if lacking:
-            raise ConfigError(f"{where}: {at}.primary[{i}]: {m} needs the {need} task "
-                              f"(method.perception.tasks), which arm {lacking[0]!r} does not train")
-    for m in p.primary:
-        margin = p.margins.get(m)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
-            raise ConfigError(f"{where}: {at}.margins.{m}: every primary metric needs an equivalence "
-                              f"margin > 0 in the metric's units, got {margin!r}")
-    for m in p.margins:
-        if m not in p.primary:
-            raise ConfigError(f"{where}: {at}.margins.{m}: not a primary metric ({list(p.primary)})")
-    if len(cfg.seeds) < p.seeds:
-        raise ConfigError(f"{where}: seeds: {len(cfg.seeds)} listed, fewer than the {p.seeds} paired "
-                          f"seeds registered in {at}.seeds")
-    _check_ablation(p, arms, where)
-
-
-def _check_ablation(p: PreregistrationConfig, arms: tuple[str, ...], where: str) -> None:
-    """The paper-shaped rows: existing arms, distinct row names, ``vs`` another row, and each
-    paper direction (up|down) on a registered metric with a direction, for a known row."""
-    from harness.metrics import direction
-
-    at, rows = "preregistration.ablation", [r.row for r in p.ablation]
-    if len(set(rows)) != len(rows):
-        raise ConfigError(f"{where}: {at}: row names must be distinct, got {rows}")
-    for i, r in enumerate(p.ablation):
-        if r.arm not in arms:
-            raise ConfigError(f"{where}: {at}[{i}].arm: {r.arm!r} is no arm of this sweep; "
-                              f"arms: {list(arms)}")
-        if r.vs is not None and (r.vs not in rows or r.vs == r.row):
-            raise ConfigError(f"{where}: {at}[{i}].vs: {r.vs!r} is not another row of the table")
-    for row, dirs in p.paper_direction.items():
-        here = f"preregistration.paper_direction.{row}"
-        if row not in rows:
-            raise ConfigError(f"{where}: {here}: no ablation row of that name; rows: {rows}")
-        if not isinstance(dirs, dict):
-            raise ConfigError(f"{where}: {here}: expected a mapping metric -> up|down, got {dirs!r}")
-        for m, d in dirs.items():
-            if direction(m) is None:
-                raise ConfigError(f"{where}: {here}.{m}: not a registered metric with a direction")
-            if d not in ("up", "down"):
-                raise ConfigError(f"{where}: {here}.{m}: must be up or down, got {d!r}")
 
 
 def _check_objectives(s: SearchConfig, where: str) -> None:

@@ -17,7 +17,8 @@ import yaml
 
 from harness.config import checks
 from harness.config.convert import ConfigError, build
-from harness.config.schema import PreregistrationConfig, SweepConfig, TrialConfig
+from harness.config.schema import TrialConfig
+from harness.config.sweep_schema import PreregistrationConfig, SweepConfig
 
 
 class Loaded(NamedTuple):

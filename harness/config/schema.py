@@ -1,4 +1,6 @@
-"""The typed config tree: frozen dataclasses, each field's range declared beside it.
+"""The typed config tree of one trial: frozen dataclasses, each field's range declared beside it
+(what a sweep adds around it — variants, search, pre-registration, SweepConfig — is in
+:mod:`harness.config.sweep_schema`).
 
 A field is declared and range-checked in one place: ``k: int = field(default=8, metadata=POSITIVE)``
 (:func:`~harness.config.convert.check` builds the metadata, :func:`~harness.config.convert.build`
@@ -8,15 +10,13 @@ defaults cost is measured in docs/performance.md.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from harness.config.convert import apply_overrides, check
+from harness.config.convert import check
 
 
 def at_least(low: float, note: str = "") -> dict[str, Any]:
@@ -28,6 +28,7 @@ NON_NEGATIVE = at_least(0)
 FRACTION = check(lambda v: 0 < v <= 1, "must be in (0, 1]")
 BELOW_ONE = check(lambda v: 0 <= v < 1, "must be in [0, 1)")
 DISTINCT = check(lambda v: len(v) > 0 and len(set(v)) == len(v), "non-empty, distinct")
+UNIQUE = check(lambda v: len(set(v)) == len(v), "distinct")
 # Where the harness writes: no '..' segment, so a sweep file cannot aim its output (results,
 # checkpoints, packed data, `--overwrite`'s rmtree) above the directory it names.
 NO_PARENT = check(lambda v: v is None or ".." not in Path(v).parts, "must not contain a '..' segment")
@@ -72,6 +73,10 @@ class DataConfig:
     # unconditionally and may be scored by the teacher (docs/data.md, "Scarce labels")
     labelled_fraction: float = field(default=1.0, metadata=FRACTION)
     label_seed: int = 0
+    # the positive control's known harm: this fraction of the labelled training images get
+    # another class's label, chosen by a hash of each key and label_seed (the same images and
+    # wrong labels in every epoch, worker split, arm and seed); held-out splits keep theirs
+    label_noise: float = field(default=0.0, metadata=BELOW_ONE)
 
 
 @dataclass(frozen=True)
@@ -105,18 +110,27 @@ class McConfig:
     weight: Literal["uniform", "elbo"] = "uniform"  # time weighting w(t) of the errors
     prior: Literal["uniform", "train"] = "uniform"  # "train": the training split's class frequencies
     # "forward": K forward-noised draws per image (the Diffusion Classifier's estimator);
-    # "reverse_chain": the states of one null-label reverse chain per image as MCMC samples
-    # (GenRep's estimator; docs/method.md): chain_steps steps, the first burn_in states dropped,
-    # then every thin-th kept (the paper: 200, 50, 2); eta: the DDIM step's noise (1 = DDPM-like)
+    # "reverse_chain": the states of one reverse chain per image as MCMC samples (GenRep's
+    # estimator; docs/method.md): chain_steps steps, the first burn_in states dropped, then every
+    # thin-th kept (the paper: 200, 50, 2); eta: the DDIM step's noise (1 = DDPM-like)
     estimator: Literal["forward", "reverse_chain"] = "forward"
     chain_steps: int = field(default=200, metadata=check(lambda v: 1 <= v <= 1000, "must be in [1, 1000]"))
     burn_in: int = field(default=50, metadata=NON_NEGATIVE)
     thin: int = field(default=2, metadata=at_least(1))
     eta: float = field(default=1.0, metadata=check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
-    # the chain's first timestep: None = T−1 (the paper's chain, from pure noise); lower keeps the
-    # chain tied to the image (from T−1 its states forget x: docs/performance.md, P3c)
+    # the chain's first timestep: None = T−1 (the paper's chain, from pure noise); a tied chain's
+    # states are draws of q(x_t|x) wherever it starts, a free one forgets x from T−1
     chain_start: int | None = field(default=None, metadata=check(
         lambda v: v is None or 0 <= v <= 999, "must be null or in [0, 999]"))
+    # "tied": the chain steps by the forward posterior q(x_s | x_t, x) (DDIM with x and its true
+    # noise ε*; no network evaluations; needs eta > 0); "free": by the null-label network (the
+    # first reading: from T−1 it forgets x and scores at chance, docs/performance.md, P3c)
+    chain: Literal["tied", "free"] = "tied"
+    # log p(x|y) from the kept states' d_j = ‖ε*_j − ε_θ(x_τj, τ_j, y)‖²: "noise_lme" the paper's
+    # mean of densities in noise coordinates, LME_j(−d_j/2); "mean_log" the mean of the logs
+    # (the Diffusion Classifier on the chain's t-grid); "x0_lme" the density of x in pixel space
+    # (a hard max over states); formulas and measured top-1: docs/method.md
+    aggregate: Literal["noise_lme", "mean_log", "x0_lme"] = "noise_lme"
     # run the teacher every N steps (in between: no distillation term)
     every: int = field(default=4, metadata=POSITIVE)
     subset: float = field(default=0.125, metadata=FRACTION)  # fraction of the batch the teacher scores
@@ -161,7 +175,7 @@ class SemanticConfig:
     """Semantic-driven generation and representation alignment (docs/method.md, "Two stages and
     semantic-driven generation (harness)"). Either switch gives the model its semantic module
     (``ModelConfig.semantic``) and the trial a semantic network: an EMA copy of the unified
-    network whose pooled perception features x_sem condition the generation loss."""
+    network whose perception feature map x_sem conditions the generation loss."""
 
     enabled: bool = False  # semantic-driven generation: a mean correction and a variance factor from x_sem
     # REPA weight of the representation-alignment term; > 0 switches it on
@@ -170,13 +184,24 @@ class SemanticConfig:
     vlb_weight: float = field(default=1e-3, metadata=NON_NEGATIVE)
     # m of θ_sem ← m·θ_sem + (1−m)·θ, after every optimizer step of stage 2
     ema_decay: float = field(default=0.999, metadata=BELOW_ONE)
-    # where x_sem comes from while sampling: the semantic net's features of the step's x̂_0, or of x_t
+    # where x_sem comes from while sampling: the semantic net's feature map of the step's x̂_0, or of x_t
     inference: Literal["x0_hat", "x_t"] = "x0_hat"
+    # where x_sem comes from in training: x̂_0 of the step's own (detached) ε, x_t, or the clean x_0
+    # (the ablation: a function of the target, which sampling never has); null: as `inference`
+    train_source: Literal["x0_hat", "x_t", "x0"] | None = None
+    # the variance term's weighting over t: "per_t" divides KL_t by w_t = β_t/(α_t(1−ᾱ_{t−1})), so
+    # every t pulls alike; "bound": the bound's own, where ~98% of the gradient is from t ≥ 990
+    vlb_weighting: Literal["per_t", "bound"] = "per_t"
 
     @property
     def on(self) -> bool:
         """Does the trial need the semantic module and the semantic network?"""
         return self.enabled or self.rep_align > 0
+
+    @property
+    def train_from(self) -> str:
+        """x_sem's source in training: ``train_source``, or ``inference`` when it is null."""
+        return self.train_source or self.inference
 
 
 @dataclass(frozen=True)
@@ -200,6 +225,10 @@ class StrategyConfig:
     name: str = "sum"
     granularity: Literal["vector", "tensor"] = "vector"
     options: dict[str, Any] = field(default_factory=dict)  # e.g. rule, power, align, task_weights
+    # the shared tensors the rule acts on: all, or those of the model's attention modules (the
+    # paper's "attention blocks"; the rest take the task-weighted sum). A no-op for rules that
+    # take no task gradients (sum). genrep/strategies/scope.py
+    scope: Literal["all", "attention"] = "all"
 
 
 @dataclass(frozen=True)
@@ -238,6 +267,11 @@ class EvalConfig:
     # class-conditional DDIM samples for fd_ref, kid_ref and sample_acc
     samples_per_class: int = field(default=10, metadata=POSITIVE)
     ddim_steps: int = field(default=20, metadata=POSITIVE)
+    # the samplers scored, each on the same x_T: "ddim" (η = 0, ddim_steps; fd_ref, kid_ref,
+    # sample_acc) and "ddpm" (η = 1, ddpm_steps: the paper's sampler, where the semantic σ factor
+    # acts; fd_ref_ddpm, kid_ref_ddpm, sample_acc_ddpm). Guidance "auto" chooses with the first
+    samplers: tuple[Literal["ddim", "ddpm"], ...] = field(default=("ddim",), metadata=DISTINCT)
+    ddpm_steps: int = field(default=200, metadata=check(lambda v: 1 <= v <= 1000, "must be in [1, 1000]"))
     # classifier-free guidance through the null class; "auto": per evaluation, the scale of
     # guidance_choices with the lowest guidance_by between val images and guidance_samples_per_class
     # samples a class (seed 1), then the reported samples use it: Σ_s C·n·steps·(2 if s ≠ 1) forwards more
@@ -248,6 +282,11 @@ class EvalConfig:
     guidance_by: Literal["fd_ref", "kid_ref"] = "fd_ref"
     # None: samples_per_class
     guidance_samples_per_class: int | None = field(default=None, metadata=POSITIVE)
+    # robustness (the paper's noised-input test): head top-1 on x_t ~ q(x_t|x) at these t, one
+    # fixed ε (harness.evaluate.robust_metrics): head_acc_t<t>; on our cosine schedule
+    # σ = √(1−ᾱ_t) is 0.091 / 0.245 / 0.463 at t = 50 / 150 / 300; (): none. N·|t| head forwards
+    robust_t: tuple[int, ...] = field(default=(50, 150, 300), metadata=check(
+        lambda v: all(0 <= t <= 999 for t in v) and len(set(v)) == len(v), "distinct, each in [0, 999]"))
 
 
 @dataclass(frozen=True)
@@ -272,6 +311,35 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """The warm start's own run (docs/sweeps.md, "Warm start"): the sweep's model, data (with its
+    labelled fraction: an unlabelled image is conditioned on ∅ there too) and evaluation, trained
+    ``steps`` steps from ``seed`` on ``loss``; every arm and seed then starts from its backbone."""
+
+    steps: int = field(default=1000, metadata=POSITIVE)
+    seed: int = 0
+    # "generation": L_gen alone (the perception loss at weight 0); "joint": L_perc + L_gen, so the
+    # backbone is shaped by the labels too. Heads are never carried over: each trial's are its seed's.
+    loss: Literal["generation", "joint"] = "generation"
+    lr: float | None = field(default=None, metadata=POSITIVE)  # None: train.lr
+    batch_size: int | None = field(default=None, metadata=POSITIVE)  # None: train.batch_size
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Where every network's backbone starts: a pretraining run made once per sweep and cached
+    beside the packed shards (``pretrain``), a diffusers ``save_pretrained`` directory (``path``),
+    or neither (from scratch, each trial's seed)."""
+
+    pretrain: PretrainConfig | None = None
+    path: str | None = None  # a save_pretrained directory of the backbone's diffusers network
+
+    @property
+    def on(self) -> bool:
+        return self.pretrain is not None or self.path is not None
+
+
+@dataclass(frozen=True)
 class TrialConfig:
     """Everything one trial needs; built by :meth:`SweepConfig.trial`."""
 
@@ -287,6 +355,7 @@ class TrialConfig:
     resources: ResourcesConfig
     output_dir: str
     variant: str = ""  # the trial's label in the results: a variant's name, or the strategy's
+    init: InitConfig = field(default_factory=InitConfig)  # the warm start (one per sweep)
 
     def __post_init__(self):
         if not self.variant:
@@ -309,156 +378,3 @@ class TrialConfig:
         return preset(self.model.preset, **self.model.overrides,
                       seg_head="segment" in self.method.perception.tasks,
                       semantic=self.method.semantic.on)
-
-
-# ---------------------------------------------------------------- what a sweep adds
-@dataclass(frozen=True)
-class VariantConfig:
-    """A named arm: a strategy plus fixed overrides, e.g. ``sum_kd: {strategy: sum, overrides:
-    {method.beta_kd: 1.0}}``; its name is the trial's label (``strategy`` column) in the results."""
-
-    strategy: str
-    overrides: dict[str, Any] = field(default_factory=dict)  # dotted TrialConfig path -> value
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One searched dimension: float/int in [low, high] (optionally log-scaled) or categorical."""
-
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: tuple[Any, ...] | None = None
-
-
-# train-row metrics an early-stopping scheduler can watch
-TRAIN_METRICS = ("acc", "loss_ce", "loss_perc", "loss_gen", "loss_seg", "seg_acc")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """ASHA early stopping, judged on the train rows reported every ``train.log_every`` steps."""
-
-    type: Literal["asha"] = "asha"
-    # a train-row metric: the final held-out metrics only exist at the end
-    metric: str = field(default="acc", metadata=check(lambda v: v in TRAIN_METRICS,
-                                                      f"one of {list(TRAIN_METRICS)}"))
-    mode: Literal["max", "min"] = "max"
-    grace_period: int = field(default=20, metadata=POSITIVE)  # training steps before a trial can be stopped
-    reduction_factor: int = field(default=2, metadata=at_least(2))
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Optuna (TPE) over ``space`` (dotted TrialConfig path -> ParamSpec); each sampled
-    configuration runs once per seed and Optuna is told the mean over seeds."""
-
-    space: dict[str, ParamSpec]
-    # configurations sampled (Tune runs num_samples x len(seeds) trials)
-    num_samples: int = field(default=12, metadata=POSITIVE)
-    metric: str | None = None  # single objective (default head_acc) ...
-    mode: Literal["max", "min"] | None = None
-    metrics: tuple[str, ...] = ()  # ... or several: a Pareto front (multi-objective TPE)
-    modes: tuple[Literal["max", "min"], ...] = ()
-    seed: int = 0  # the TPE sampler's seed
-    scheduler: SchedulerConfig | None = None
-
-
-@dataclass(frozen=True)
-class AblationRow:
-    """One row of the paper-shaped ablation table: an arm of the sweep under the paper's row name,
-    compared with row ``vs`` (default: the first row, the paper's baseline)."""
-
-    arm: str
-    row: str
-    vs: str | None = None
-
-
-@dataclass(frozen=True)
-class PreregistrationConfig:
-    """What the comparison decides before it runs (docs/evaluation.md, "Pre-registered
-    statistics"): primary metrics, the baseline arm, the compared arms, an equivalence margin per
-    primary metric (its units), α, the power the minimum detectable effect is stated at, and the
-    number of paired seeds. Stored in every result row's config; harness.report reads it there."""
-
-    primary: tuple[str, ...] = field(metadata=DISTINCT)
-    baseline: str
-    margins: dict[str, float]
-    comparisons: tuple[str, ...] = ()  # default: every arm but the baseline
-    alpha: float = field(default=0.05, metadata=check(lambda v: 0 < v < 0.5, "must be in (0, 0.5)"))
-    power: float = field(default=0.8, metadata=check(lambda v: 0 < v < 1, "must be in (0, 1)"))
-    seeds: int = field(default=5, metadata=at_least(2, " (a paired t test needs two seeds)"))
-    ablation: tuple[AblationRow, ...] = ()  # the paper's ablation rows, in the paper's order
-    paper_direction: dict[str, dict[str, str]] = field(default_factory=dict)  # row -> metric -> up|down
-
-    def resolved(self, arms: tuple[str, ...]) -> PreregistrationConfig:
-        """The section with its default filled in: ``comparisons`` = every arm but the baseline."""
-        rest = tuple(a for a in arms if a != self.baseline)
-        return dataclasses.replace(self, comparisons=self.comparisons or rest)
-
-
-def _plain_value(v: Any) -> Any:
-    """Tuples (at any depth) as lists: what YAML and JSON write."""
-    if isinstance(v, dict):
-        return {k: _plain_value(x) for k, x in v.items()}
-    return [_plain_value(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    name: str = field(metadata=check(lambda v: v.replace("-", "").replace("_", "").isalnum(),
-                                     "letters, digits, '-' and '_' only"))
-    output_dir: str = field(default="results", metadata=NO_PARENT)
-    strategies: tuple[str, ...] = field(default_factory=lambda: tuple(known_strategies()), metadata=DISTINCT)
-    seeds: tuple[int, ...] = field(default=(0,), metadata=DISTINCT)
-    strategy_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per strategy name
-    granularity: Literal["vector", "tensor"] = "vector"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelSection = field(default_factory=ModelSection)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    grid: dict[str, Any] = field(default_factory=dict)  # dotted TrialConfig path -> list of values
-    variants: dict[str, VariantConfig] = field(default_factory=dict)
-    search: SearchConfig | None = None
-    preregistration: PreregistrationConfig | None = None
-    source_file: str = "<dict>"
-
-    def trial(self, strategy: str, seed: int) -> TrialConfig:
-        return TrialConfig(
-            name=self.name, seed=seed,
-            strategy=StrategyConfig(strategy, self.granularity, dict(self.strategy_options.get(strategy, {}))),
-            data=self.data, model=self.model, method=self.method, train=self.train,
-            eval=self.eval, deepspeed=self.deepspeed, resources=self.resources,
-            output_dir=self.output_dir, variant=strategy)
-
-    def labels(self) -> tuple[str, ...]:
-        """The arms: every strategy, then every named variant."""
-        return (*self.strategies, *self.variants)
-
-    def arm(self, label: str, seed: int, overrides: dict[str, Any] | None = None) -> TrialConfig:
-        """The trial of a strategy or a named variant, with grid or search ``overrides`` on top."""
-        v = self.variants.get(label)
-        trial = self.trial(v.strategy if v else label, seed)
-        return apply_overrides(dataclasses.replace(trial, variant=label),
-                               {**(v.overrides if v else {}), **(overrides or {})})
-
-    def grid_points(self) -> list[dict[str, Any]]:
-        """Every combination of the ``grid:`` values ([{}] without a grid)."""
-        keys = list(self.grid)
-        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.grid[k] for k in keys))]
-
-    def trials(self) -> list[TrialConfig]:
-        """Arms × seeds × grid points (a search's sampled values are not known in advance)."""
-        return [self.arm(label, seed, point) for label in self.labels() for seed in self.seeds
-                for point in self.grid_points()]
-
-    def plain(self) -> dict[str, Any]:
-        """The sweep's template as a plain mapping, lists for tuples (YAML- and JSON-safe): every
-        field but grid, variants, search, preregistration and source_file, so ``from_dict`` takes
-        it back as a sweep of its strategies alone (override checks, perf's spawned ranks)."""
-        skip = ("grid", "variants", "search", "preregistration", "source_file")
-        return {k: _plain_value(v) for k, v in asdict(self).items() if k not in skip}

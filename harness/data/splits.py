@@ -31,13 +31,14 @@ def load_masked_split(urls: Urls, mask_classes: int) -> tuple[torch.Tensor, torc
     return torch.cat(xs), torch.cat(ys), torch.cat(ms)
 
 
-def labelled_images(urls: Urls, n: int, labelled_fraction: float = 1.0,
-                    label_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` labelled images of a split in shard order (no shuffling): with a labelled
-    fraction f < 1, the images :func:`is_labelled` keeps labelled, as in training. Fewer than
-    ``n`` when the split has fewer."""
+def labelled_images(urls: Urls, n: int, labelled_fraction: float = 1.0, label_seed: int = 0,
+                    **noise: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` labelled images of a split in shard order (no shuffling), with their labels
+    as training has them: with a labelled fraction f < 1, the images :func:`is_labelled` keeps
+    labelled; with ``noise`` (``label_noise``, ``num_classes``: the positive control), the flipped
+    labels. Fewer than ``n`` when the split has fewer."""
     loader = make_loader(urls, 256, shuffle_buffer=0, drop_last=False, shuffle_shards=False,
-                         labelled_fraction=labelled_fraction, label_seed=label_seed)
+                         labelled_fraction=labelled_fraction, label_seed=label_seed, **noise)
     xs, ys, have = [], [], 0
     for x, y in loader:
         keep = y >= 0
@@ -72,9 +73,15 @@ def mask_options(cfg: TrialConfig, dataset: Dataset) -> dict[str, Any]:
 
 def train_loader(cfg: TrialConfig, dataset: Dataset, batch: int, rank: int, world: int):
     """This rank's training loader: its slice of the shards, shuffled by the trial's seed, with the
-    trial's labelled fraction and (for a segment task) masks."""
+    trial's labelled fraction, label noise and (for a segment task) masks."""
     d = cfg.data
     return make_loader(dataset.train, batch, rank=rank, world_size=world, num_workers=d.num_workers,
                        seed=cfg.seed, shuffle_buffer=d.shuffle_buffer, on_bad_sample=d.on_bad_sample,
                        image_size=d.image_size, labelled_fraction=d.labelled_fraction,
-                       label_seed=d.label_seed, **mask_options(cfg, dataset))
+                       label_seed=d.label_seed, **label_noise(cfg), **mask_options(cfg, dataset))
+
+
+def label_noise(cfg: TrialConfig) -> dict[str, Any]:
+    """The loader's label-noise arguments (``data.label_noise``: the positive control), or none."""
+    d = cfg.data
+    return {"label_noise": d.label_noise, "num_classes": cfg.model_config().num_classes} if d.label_noise else {}

@@ -18,7 +18,9 @@ Scarce labels. With `labelled_fraction` f < 1 only the samples whose key hashes 
 `label_seed`, `is_labelled`) keep their label; the others come with label −1 (and, with masks,
 an all −1 mask). The choice is a function of the sample's key in the shard and the seed alone,
 never of its position in the stream: the same images are labelled in every epoch, for every
-loader seed, world size and worker count, and in every arm with the same `label_seed`.
+loader seed, world size and worker count, and in every arm with the same `label_seed`. With
+`label_noise` f > 0 (the positive control's known harm) a fraction f of the labelled samples,
+again chosen by key and `label_seed` (`noisy_label`), carry another class's label instead.
 
 Bad data. A tar that cannot be read raises DataError naming the shard URL; a sample without a
 `.cls`, with a bad label, an undecodable image or (asked for) a missing or bad mask raises
@@ -215,6 +217,20 @@ def is_labelled(key: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
+def noisy_label(key: str, label: int, fraction: float, seed: int, classes: int) -> int:
+    """The positive control's label: another class for a fraction f of the keys, else ``label``.
+
+    From sha256("noise/<seed>/<key>") (a draw independent of :func:`is_labelled`'s): u = its first
+    8 bytes / 2^64, v = its next 8 bytes as an integer; u < f flips y to (y + 1 + v mod (C − 1))
+    mod C, uniform over the C − 1 other classes and never y itself. A function of the key and the
+    seed alone, like :func:`is_labelled`: the same images carry the same wrong labels in every
+    epoch, worker split, arm and training seed."""
+    digest = hashlib.sha256(f"noise/{seed}/{key}".encode()).digest()
+    if int.from_bytes(digest[:8], "little") / 2**64 >= fraction:
+        return label
+    return (label + 1 + int.from_bytes(digest[8:16], "little") % (classes - 1)) % classes
+
+
 def unlabel(item: tuple) -> tuple:
     """(image, −1[, all −1 mask]): the sample without its label (int16 mask: −1 fits, and the batch
     stacks to int16 beside uint8 masks, then int64)."""
@@ -223,17 +239,22 @@ def unlabel(item: tuple) -> tuple:
 
 
 def decode_all(samples: Iterable, channels: int | None, policy: str, size: int | None = None,
-               mask_classes: int | None = None, labelled: tuple[float, int] | None = None) -> Iterator:
+               mask_classes: int | None = None, labelled: tuple[float, int] | None = None,
+               noise: tuple[float, int, int] | None = None) -> Iterator:
     """Decoded items; with ``labelled`` = (fraction, seed), samples not chosen by
-    :func:`is_labelled` lose their label (and mask) here."""
+    :func:`is_labelled` lose their label (and mask) here; with ``noise`` = (fraction, seed,
+    classes), the labelled ones keep :func:`noisy_label`'s (masks untouched)."""
     for s in samples:
         if isinstance(s, SkipRecord):
             yield s
             continue
         try:
             item = decode_sample(s, channels, size, mask_classes)
-            if labelled is not None and not is_labelled(str(s.get("__key__", "")), *labelled):
+            key = str(s.get("__key__", ""))
+            if labelled is not None and not is_labelled(key, *labelled):
                 item = unlabel(item)
+            elif noise is not None:
+                item = (item[0], noisy_label(key, int(item[1]), *noise), *item[2:])
             yield item
         except DataError as e:
             if policy == "raise":
@@ -300,7 +321,7 @@ class _ReaderStream(IterableDataset):
             stages.append(wds.shuffle(c["shuffle_buffer"], initial=c["shuffle_buffer"],
                                       seed=_reader_seed(c["seed"], c["epoch"], reader)))
         stages += [lambda s: decode_all(s, c["channels"], c["policy"], c.get("image_size"),
-                                        c.get("mask_classes"), c.get("labelled")),
+                                        c.get("mask_classes"), c.get("labelled"), c.get("noise")),
                    lambda s: collate(s, c["batch_size"], c["drop_last"])]
         return stages
 
@@ -369,7 +390,8 @@ def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_siz
                 drop_last: bool = True, shuffle_shards: bool = True,
                 image_size: int | None = None, masks: bool = False,
                 mask_classes: int | None = None, labelled_fraction: float = 1.0,
-                label_seed: int = 0) -> ShardLoader:
+                label_seed: int = 0, label_noise: float = 0.0,
+                num_classes: int | None = None) -> ShardLoader:
     """A ShardLoader over `urls` (a list, or one brace pattern) for reader `rank` of `world_size`;
     with `image_size`, an image of any other size is bad data (DataError naming shard and key).
 
@@ -378,13 +400,17 @@ def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_siz
 
     `labelled_fraction` f < 1: only the samples :func:`is_labelled` picks (by key and
     `label_seed`) keep their label; the others have label −1 and an all −1 mask (training only:
-    a held-out split is never unlabelled)."""
+    a held-out split is never unlabelled). `label_noise` f > 0 (the positive control): a fraction
+    f of those labelled samples get another of `num_classes` classes (:func:`noisy_label`)."""
     urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
     if masks and (not isinstance(mask_classes, int) or not 2 <= mask_classes <= 256):
         raise ValueError(f"masks=True needs mask_classes, an int in 2..256 (the manifest's "
                          f"mask.num_classes), got {mask_classes!r}")
     if not 0 < labelled_fraction <= 1:
         raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
+    if not 0 <= label_noise < 1 or (label_noise and not (isinstance(num_classes, int) and num_classes >= 2)):
+        raise ValueError(f"label_noise must be in [0, 1) and needs num_classes >= 2, got "
+                         f"{label_noise!r}, {num_classes!r}")
     if image_channels not in (None, 1, 3):
         raise ValueError(f"image_channels must be None, 1 or 3, got {image_channels!r}")
     if on_bad_sample not in POLICIES:
@@ -396,5 +422,6 @@ def make_loader(urls: str | list[str], batch_size: int, rank: int = 0, world_siz
                shuffle_buffer=shuffle_buffer, resampled=resampled, policy=on_bad_sample,
                channels=image_channels, drop_last=drop_last, shuffle_shards=shuffle_shards,
                image_size=image_size, mask_classes=mask_classes if masks else None,
-               labelled=(labelled_fraction, label_seed) if labelled_fraction < 1 else None)
+               labelled=(labelled_fraction, label_seed) if labelled_fraction < 1 else None,
+               noise=(label_noise, label_seed, num_classes) if label_noise else None)
     return ShardLoader(urls, cfg, num_workers)

@@ -112,8 +112,9 @@ TEACHERS = {"off": {"method.beta_kd": 0.0},
             "kd": {"method.beta_kd": 1.0, "method.mc": McConfig(calibrate_first=McConfig().calibrate_every)},
             "full": {"method.beta_kd": 1.0,
                      "method.mc": McConfig(k=8, every=1, subset=1.0, prune_k=None, prune_keep=None)}}
-# semantic-driven generation (P8), as trial overrides: mean correction and variance factor from the
-# semantic network's x_sem, and representation alignment at weight 0.5
+# semantic-driven generation (P8), as trial overrides: the spatial mean correction and the t-conditioned
+# variance factor from the semantic network's x_sem map (of x̂_0, the default train_source), and
+# per-position representation alignment at weight 0.5
 SEMANTIC = {"method.semantic.enabled": True, "method.semantic.rep_align": 0.5}
 
 

@@ -90,12 +90,12 @@ def summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
             "collective_bytes_per_step": max(sum(r["bytes_per_step"].values()) for r in ranks)}
 
 
-def expected_extra_bytes(d: int, tensors: int, world: int, itemsize: int = 4) -> int:
+def expected_extra_bytes(d: int, tensors: int, world: int, itemsize: int = 4, gram_itemsize: int = 8) -> int:
     """Payload the alignment adds per step: 2 reduce-scatters of the padded task gradients,
-    2·⌈D/W⌉·W·itemsize, the all-reduce of the whole-vector Gram, 4·itemsize, and that of the S
-    per-tensor Grams (telemetry on every arm, the rule's own Grams at tensor granularity),
-    4·S·itemsize (harness.parallel.global_grams)."""
-    return 2 * -(-d // world) * world * itemsize + 4 * itemsize + 4 * tensors * itemsize
+    2·⌈D/W⌉·W·itemsize, the all-reduce of the whole-vector Gram, 4·8 (float64 Grams), and that of
+    the S per-tensor Grams (telemetry on every arm, the rule's own Grams at tensor granularity),
+    4·S·8 (harness.parallel.global_grams)."""
+    return 2 * -(-d // world) * world * itemsize + 4 * gram_itemsize + 4 * tensors * gram_itemsize
 
 
 def run(settings: Settings) -> list[Row]:

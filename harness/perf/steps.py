@@ -133,8 +133,10 @@ def step_rows(timed: dict[str, Timed], memory: dict[str, dict],
                     "sum_kd", "sum_off", "<=", 1.5, extra_s=cal.get("calibration_per_step_s", 0.0), **cal))
     rows.append(row("P3", "step with full teacher (K=8, every step, whole batch) ÷ teacher off",
                     "sum_full", "sum_off", note="shown beside P3, no target"))
-    rows.append(row("P8", "step with semantic-driven generation (enabled, rep_align 0.5; sum, teacher "
-                          "off) ÷ without", "sum_sem", "sum_off", "<=", 1.3))
+    sem = configs["sum_sem"][1].method.semantic
+    rows.append(row("P8", f"step with semantic-driven generation (enabled, rep_align 0.5; spatial x_sem "
+                          f"of {sem.train_from}; sum, teacher off) ÷ without",
+                    "sum_sem", "sum_off", "<=", 1.3))
     return rows
 
 

@@ -5,8 +5,9 @@
 - ``conflict_table``: conflict fraction, cos mean/median, damping applied.
 - ``search_table``: trials, best configuration, Pareto front, importance proxy.
 - ``prereg`` / ``paper``: with a pre-registration in the results (the sweep's ``preregistration``
-  section): the pre-registered comparisons (paired Δ, p, Holm, MDE, TOST, verdict), the held-out
-  curves' mean level, and the paper-shaped ablation tables.
+  section): the pre-registered comparisons (paired Δ, p, Holm over the family's triples, MDE at α
+  and α/m, TOST, verdict), the controls (and a banner when one failed), the held-out curves' mean
+  level, and the paper-shaped ablation tables.
 - ``build_report(results_dirs, out_dir)``: report.md, report.html, CSVs and PNGs.
 """
 from harness.report.build import build_report

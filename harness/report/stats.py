@@ -3,10 +3,11 @@ the pre-registered analysis (paired t test, Holm, TOST, power / minimum detectab
 verdict, the mean level of a curve).
 
 The distributions and tests come from the libraries: scipy.stats (t quantiles, the paired t
-test, the noncentral t behind exact power), scipy.optimize (the power's root), statsmodels
-(Holm's adjustment, the paired TOST). What stays here is what no library has: intervals
-assembled from those pieces, the report's conventions for missing data and zero spread, the
-verdict's wording, the Pareto mask over report rows and the curve's mean level. No pandas here.
+test, the noncentral t behind exact power: :mod:`harness.power`, re-exported here),
+scipy.optimize (the power's root), statsmodels (Holm's adjustment, the paired TOST). What stays
+here is what no library has: intervals assembled from those pieces, the report's conventions
+for missing data and zero spread, the verdict's wording, the Pareto mask over report rows and
+the curve's mean level. No pandas here.
 """
 from __future__ import annotations
 
@@ -16,9 +17,13 @@ from typing import Sequence
 import numpy as np
 from scipy import stats as sps
 from scipy.integrate import trapezoid
-from scipy.optimize import brentq
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import DescrStatsW
+
+# the power of the paired t test and TOST's reach live below harness.config (a sweep file's pilot
+# numbers are checked at load time); the report uses them from here
+from harness.power import (mde_paired, seeds_for_margin, seeds_for_mde, t_quantile,  # noqa: F401
+                           t_test_power, tost_floor)
 
 NAN = float("nan")
 
@@ -26,11 +31,6 @@ NAN = float("nan")
 def finite(values: Sequence[float]) -> np.ndarray:
     """The values as a float array, None and NaN dropped (a seed without a result)."""
     return np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-
-
-def t_quantile(df: int, q: float = 0.975) -> float:
-    """Student-t quantile t_{q, df} = scipy.stats.t.ppf(q, df); NaN for df < 1."""
-    return float(sps.t.ppf(q, df)) if df >= 1 else NAN
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
@@ -121,61 +121,6 @@ def holm(p: Sequence[float]) -> list[float]:
     vals = np.asarray([1.0 if gone else float(v) for v, gone in zip(p, missing)])
     adjusted = multipletests(vals, method="holm")[1]
     return [NAN if gone else float(a) for a, gone in zip(adjusted, missing)]
-
-
-def t_test_power(d: float, n: int, alpha: float = 0.05) -> float:
-    """Exact power of the two-sided one-sample (paired) t test on n differences at standardised
-    effect d = Δ/s_d: P(T'_δ > c) + P(T'_{−δ} > c), c = t_{1−α/2, n−1}, T'_δ noncentral t with
-    n − 1 df and noncentrality δ = d·√n (both tails; scipy.stats.nct.sf; Cohen 1988, *Statistical
-    Power Analysis for the Behavioral Sciences*, ch. 2).
-
-    The lower tail is taken as the upper tail at −δ, not as nct.cdf(−c): that cdf is NaN far in
-    the tail (scipy/scipy#25470), which makes statsmodels' TTestPower.power NaN for large d.
-    """
-    c, nc = t_quantile(n - 1, 1 - alpha / 2), d * math.sqrt(n)
-    return float(sps.nct.sf(c, n - 1, nc) + sps.nct.sf(c, n - 1, -nc))
-
-
-def mde_paired(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Minimum detectable effect of a two-sided paired t test at level α with the given power:
-    MDE = d*·s_d, t_test_power(d*, n, α) = power, the root by scipy.optimize.brentq.
-
-    Exact noncentral-t power, not the (t_{1−α/2} + t_{power})·s_d/√n approximation, which is
-    ~5% low at n = 3. (TTestPower.solve_power is not used: for few seeds its root misses, e.g.
-    n = 3, α = 0.01, power 0.8 gives d = 7.17 whose power is 0.787.) NaN for n < 2, a NaN s_d,
-    or power ≤ α (every Δ, even 0, is detected that often).
-    """
-    if n < 2 or sd is None or math.isnan(sd) or power <= alpha:
-        return NAN
-    hi = 1.0
-    while t_test_power(hi, n, alpha) < power:  # the power rises with d: bracket the root
-        hi *= 2
-    d = brentq(lambda x: t_test_power(x, n, alpha) - power, 0.0, hi, xtol=1e-12)
-    return d * sd
-
-
-def seeds_for_mde(sd: float, mde: float, alpha: float = 0.05, power: float = 0.8) -> int:
-    """Paired seeds a two-sided paired t test needs to detect a true Δ = ``mde`` at level α
-    with the given power, the differences' spread being ``sd`` (e.g. a pilot's s_d).
-
-    The smallest integer n ≥ 2 with t_test_power(mde/sd, n, α) ≥ power (the power rises with
-    n: doubling, then bisection on the integers). sd = 0: 2, the fewest a t test can use.
-    """
-    if not (mde > 0 and sd >= 0):
-        raise ValueError(f"seeds_for_mde: needs mde > 0 and sd >= 0, got mde={mde}, sd={sd}")
-    if sd == 0:
-        return 2
-
-    def enough(n: int) -> bool:  # 1e-9: the root's tolerance, so an MDE's own n counts
-        return t_test_power(mde / sd, n, alpha) >= power - 1e-9
-
-    lo, hi = 1, 2  # enough(lo) is False (one seed is no test); grow hi until enough(hi)
-    while not enough(hi):
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
-    return hi
 
 
 def tost_interval(mean: float, sd: float, n: int, alpha: float = 0.05) -> tuple[float, float]:

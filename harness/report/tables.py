@@ -71,9 +71,10 @@ def final_values(df: pd.DataFrame, metric: str, split: str) -> pd.Series:
 
 
 def cost_values(df: pd.DataFrame, metric: str) -> pd.Series:
-    """Per (strategy, sweep, seed): each trial's train rows reduced by COST[metric], then averaged."""
+    """Per (strategy, sweep, seed): each trial's train rows reduced by COST[metric] ("last": the
+    row of its last step, for a running total such as images_per_s), then averaged."""
     rows = ok_rows(df)
-    rows = rows[(rows["split"] == "train") & (rows["metric"] == metric)]
+    rows = rows[(rows["split"] == "train") & (rows["metric"] == metric)].sort_values("step", kind="stable")
     per_trial = rows.groupby(["strategy", *UNIT, "trial"])["value"].agg(COST[metric])
     return per_trial.groupby(["strategy", *UNIT]).mean()
 
@@ -118,14 +119,16 @@ def summarise(values: pd.Series, order: Sequence[str], baseline: str) -> list[di
 
 
 def mark_best(table: pd.DataFrame) -> pd.Series:
-    """True where a strategy's mean is the best of its metric column (ties all marked)."""
-    def best(g: pd.DataFrame) -> pd.Series:
-        hib = g["higher_is_better"].iloc[0]
-        if pd.isna(hib) or g["mean"].isna().all():
-            return pd.Series(False, index=g.index)
-        target = g["mean"].max() if hib else g["mean"].min()
-        return g["mean"] == target
-    return table.groupby("metric", group_keys=False)[["higher_is_better", "mean"]].apply(best)
+    """True where a strategy's mean is the best of its metric column (ties all marked; none for a
+    metric without a direction). Column-wise transforms: a groupby-apply returned a frame, not a
+    mask, when the table had a single metric."""
+    if table.empty:
+        return pd.Series(False, index=table.index)
+    by = table.groupby("metric")["mean"]
+    up = table["higher_is_better"].map(lambda v: v is True or v == True)  # noqa: E712 (numpy bools)
+    directed = table["higher_is_better"].notna()
+    target = by.transform("max").where(up, by.transform("min"))
+    return (table["mean"] == target) & directed & table["mean"].notna()
 
 
 def main_table(df: pd.DataFrame, metrics: Sequence[str] | None = None, baseline: str = "sum",
@@ -190,16 +193,48 @@ def labelled(metric: str) -> str:
 
 
 def column_label(metric: str, hib) -> str:
-    """"head_acc ↑"; a cost column names its unit and a peak: "rss_mb (MiB, peak) ↓"."""
+    """"head_acc ↑"; a cost column names its unit and a peak or a whole-run value: "rss_mb (MiB,
+    peak) ↓", "images_per_s (images/s, whole run) ↑"."""
     m = registry.lookup(metric)
     if m is None or m.kind != "cost" or not m.unit:
         return metric + arrow(hib)
-    return f"{metric} ({m.unit}{', peak' if m.reduce == 'max' else ''})" + arrow(hib)
+    how = {"max": ", peak", "last": ", whole run"}.get(m.reduce, "")
+    return f"{metric} ({m.unit}{how})" + arrow(hib)
 
 
-def format_table(table: pd.DataFrame, value: str = "mean", markup: str = "md") -> pd.DataFrame:
+def robustness_table(df: pd.DataFrame, baseline: str = "sum") -> pd.DataFrame:
+    """:func:`main_table`'s rows for head top-1 on clean held-out images and on the same images
+    noised to each t of ``eval.robust_t`` (``head_acc_t<t>``), with ``sigma``, the input noise
+    √(1−ᾱ_t) the results logged beside them (``noise_sigma_t<t>``; NaN where they did not)."""
+    rows = ok_rows(df)
+    robust = registry.robustness(rows["metric"].unique()) if len(rows) else []
+    if not robust:
+        return pd.DataFrame(columns=[*main_table(pd.DataFrame()).columns, "sigma"])
+    table = main_table(df, metrics=["head_acc", *robust], baseline=baseline)
+    table = table[table["kind"] == "quality"].reset_index(drop=True)
+    sigma = {m: rows.loc[rows["metric"] == "noise_sigma_" + m.rsplit("_", 1)[1], "value"] for m in robust}
+    table["sigma"] = table["metric"].map(lambda m: sigma[m].iloc[0] if len(sigma.get(m, ())) else
+                                         (0.0 if m == "head_acc" else float("nan")))
+    table.attrs["baseline"] = baseline
+    return table
+
+
+def robust_labels(table: pd.DataFrame) -> dict[str, str]:
+    """Metric → column label naming its input noise: "head_acc_t50 (σ = 0.091) ↑", "head_acc
+    (clean) ↑", for :func:`format_table` on a :func:`robustness_table`."""
+    out = {}
+    for m, sigma in table.drop_duplicates("metric")[["metric", "sigma"]].itertuples(index=False):
+        noise = "clean" if m == "head_acc" else "" if math.isnan(sigma) else f"σ = {sigma:.3f}"
+        out[m] = f"{m} ({noise})" if noise else m
+        out[m] += arrow(registry.direction(m))
+    return out
+
+
+def format_table(table: pd.DataFrame, value: str = "mean", markup: str = "md",
+                 labels: dict[str, str] | None = None) -> pd.DataFrame:
     """Strings per strategy × metric: "mean ± ci" (``value="mean"``, best in bold) or the paired
-    "Δ ± ci" against the baseline (``value="delta"``). ``markup``: "md", "html" or "plain"."""
+    "Δ ± ci" against the baseline (``value="delta"``). ``markup``: "md", "html" or "plain";
+    ``labels``: metric → column name (default :func:`column_label`)."""
     if table.empty:
         return pd.DataFrame()
     bold = {"md": "**{}**", "html": "<strong>{}</strong>", "plain": "{}"}[markup]
@@ -216,7 +251,8 @@ def format_table(table: pd.DataFrame, value: str = "mean", markup: str = "md") -
             n_used = r.n
         if n_used and n_used != max_n(table, r.strategy):
             text += f" (n={n_used})"
-        cells.setdefault(esc(r.strategy), {})[esc(column_label(r.metric, r.higher_is_better))] = text
+        name = (labels or {}).get(r.metric) or column_label(r.metric, r.higher_is_better)
+        cells.setdefault(esc(r.strategy), {})[esc(name)] = text
     out = pd.DataFrame.from_dict(cells, orient="index")
     out.insert(0, "n", [str(max_n(table, html.unescape(s))) for s in out.index])
     out.index.name = "strategy"

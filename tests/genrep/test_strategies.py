@@ -460,3 +460,152 @@ def test_bad_paper_options_and_old_options_still_checked():
                       ("damping", {"rule": "paper", "damping": -0.1})):
         with pytest.raises(ValueError, match=key):
             S.combine("genrep", rand_grads(), **opts)
+
+
+# --- float64 Grams whatever the gradients' dtype (issue 30, part 5) -------------------------------
+
+def opposed_bf16(D=4096, delta=0.045, seed=0):
+    """bf16 [2, D] with g_g ≈ −g_p: cos ≈ −1 + 1e-3, where 1 + cos (α's base) cancels."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(2, D, dtype=F64, generator=g)
+    return torch.stack([a, -a + delta * b]).to(torch.bfloat16)
+
+
+def test_gram_of_bf16_gradients_is_the_float64_gram_and_gives_the_float64_weights():
+    from genrep.strategies.telemetry import update_change
+
+    g = opposed_bf16()
+    exact = g.double() @ g.double().T  # products of bf16 values are exact in float64
+    gram = S.gram_matrix(g)
+    assert gram.dtype == F64 and torch.allclose(gram[0], exact, rtol=1e-13, atol=0)
+    w, tel = S.weights("genrep", gram)
+    w_ref, tel_ref = S.weights("genrep", exact[None])
+    assert torch.allclose(w, w_ref, rtol=1e-12, atol=0)
+    assert tel["damping"].item() == pytest.approx(tel_ref["damping"].item(), rel=1e-10)
+    # the Gram rounded to bf16 (the hazard): α off by a factor ~3.6, and the update it gives
+    # w_p·g_p + w_g·g_g (g_g ≈ −g_p: the update is small beside its terms) 1% away from the
+    # reference's; a float32 Gram's 7e-6
+    w_bf16, tel_bf16 = S.weights("genrep", (g @ g.T).double()[None])
+    assert abs(tel_bf16["damping"].item() / tel_ref["damping"].item() - 1) > 1.0
+    moved = lambda w: float(update_change(exact[None], w, w_ref[0].tolist()))  # noqa: E731
+    assert moved(w_bf16) > 5e-3 and moved(w) < 1e-12
+
+
+def test_gram_in_float64_chunks_and_per_block_match_the_float64_reference():
+    g = torch.randn(2, 3 * S.GRAM_CHUNK + 5, generator=torch.Generator().manual_seed(1))  # float32
+    exact = g.double() @ g.double().T
+    assert torch.allclose(S.gram_matrix(g)[0], exact, rtol=1e-13, atol=1e-9)
+    seg = S.segment_ids([7, 2 * S.GRAM_CHUNK + 1, S.GRAM_CHUNK - 3])
+    per = S.gram_matrix(g, seg)
+    assert per.dtype == F64 and torch.allclose(per.sum(0), exact, rtol=1e-13, atol=1e-9)
+    perm = torch.randperm(seg.numel(), generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(S.gram_matrix(g[:, perm], seg[perm], num_segments=3), per, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_float64_weights_are_applied_in_the_gradients_dtype(dtype):
+    g = torch.randn(2, 50, generator=torch.Generator().manual_seed(3)).to(dtype)
+    seg = S.segment_ids([10, 25, 15])
+    w = torch.tensor([[0.7, 0.3], [1.25, -0.4], [0.1, 2.0]], dtype=F64)
+    ref = (w[seg].T * g.double()).sum(0)
+    gathered = S.apply_weights(g, w, seg)
+    in_place = S.apply_weights(g.clone(), w, seg, in_place=True)
+    whole = S.apply_weights(g.clone(), w[:1], None, in_place=True)
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
+    for out in (gathered, in_place):
+        assert out.dtype == dtype and torch.allclose(out.double(), ref, rtol=tol, atol=tol)
+    assert whole.dtype == dtype
+    assert torch.allclose(whole.double(), 0.7 * g[0].double() + 0.3 * g[1].double(), rtol=tol, atol=tol)
+
+
+def test_in_place_apply_refuses_ids_beyond_the_weights():
+    with pytest.raises(ValueError, match="segment ids"):
+        S.apply_weights(torch.ones(2, 4), torch.ones(1, 2), torch.tensor([0, 0, 1, 1]), in_place=True)
+
+
+# --- scope: the rule on the attention tensors, the weighted sum on the rest (issue 30, part 3) ----
+
+SIZES = [6, 4, 8, 3, 5]  # five tensors; the 2nd and 4th are "attention"
+IN_SCOPE = [False, True, False, True, False]
+
+
+def scoped(name, granularity, **options):
+    """The per-coordinate update under `name` with scope attention, through the harness's route:
+    per-tensor Grams → Scope → rule → per-tensor weights → apply (in place, per block)."""
+    g = rand_grads(sum(SIZES), seed=5)
+    seg = S.segment_ids(SIZES)
+    scope = S.Scope.of(IN_SCOPE, granularity)
+    rule = S.get(name)
+    w, tel = S.scope.scoped_weights(rule, S.gram_matrix(g, seg), scope, None, rule.check_options(options))
+    return g, seg, S.apply_weights(g.clone(), w, seg, in_place=True), tel
+
+
+@pytest.mark.parametrize("name,opts", [("genrep", {}), ("pcgrad", {"task_weights": (0.7, 0.3)}),
+                                       ("sum_balanced", {"task_weights": (0.7, 0.3)})])
+def test_scope_vector_aligns_the_attention_tensors_together_and_sums_the_rest(name, opts):
+    g, seg, u, tel = scoped(name, "vector", **opts)
+    t_p, t_g = S.get(name).check_options(opts)["task_weights"]
+    inside = torch.tensor(IN_SCOPE)[seg]
+    # outside the scope: exactly the task-weighted sum
+    assert torch.allclose(u[~inside], t_p * g[0, ~inside] + t_g * g[1, ~inside], rtol=1e-14)
+    # inside: the rule on the attention coordinates as one vector (one segment: S = 1)
+    ref, ref_tel = S.combine(name, g[:, inside], **opts)
+    assert torch.allclose(u[inside], ref, rtol=1e-12) and tel["cos"].shape == (1,)
+    assert tel["cos"].item() == pytest.approx(ref_tel["cos"].item(), rel=1e-12)
+    assert not torch.allclose(u[inside], t_p * g[0, inside] + t_g * g[1, inside])  # it acts
+
+
+def test_scope_tensor_aligns_each_attention_tensor_alone():
+    g, seg, u, tel = scoped("genrep", "tensor")
+    assert tel["cos"].shape == (2,)  # one segment per attention tensor
+    start = [0, *torch.tensor(SIZES).cumsum(0).tolist()]
+    for i, inside in enumerate(IN_SCOPE):
+        block = slice(start[i], start[i + 1])
+        ref = S.combine("genrep", g[:, block])[0] if inside else 0.7 * g[0, block] + 0.3 * g[1, block]
+        assert torch.allclose(u[block], ref, rtol=1e-12), i
+
+
+def test_scope_all_tensors_is_the_rule_on_every_tensor_and_sum_is_unchanged_by_scope():
+    g, seg = rand_grads(sum(SIZES), seed=5), S.segment_ids(SIZES)
+    rule = S.get("pcgrad")
+    every = S.Scope.of([True] * len(SIZES), "tensor")
+    w, _ = S.scope.scoped_weights(rule, S.gram_matrix(g, seg), every, None, rule.check_options({}))
+    assert torch.allclose(S.apply_weights(g, w, seg), S.combine("pcgrad", g, seg)[0], rtol=1e-14)
+    # sum's M = I: its weights are the task weights inside the scope too (a no-op, docs)
+    total = S.get("sum")
+    w, _ = S.scope.scoped_weights(total, S.gram_matrix(g, seg), S.Scope.of(IN_SCOPE, "vector"), None,
+                                  total.check_options({"task_weights": (0.7, 0.3)}))
+    assert torch.equal(w, torch.tensor([[0.7, 0.3]] * len(SIZES), dtype=F64))
+
+
+def test_scope_groups_and_errors():
+    assert S.Scope.of(IN_SCOPE, "vector").group.tolist() == [-1, 0, -1, 0, -1]
+    assert S.Scope.of(IN_SCOPE, "tensor").group.tolist() == [-1, 0, -1, 1, -1]
+    assert S.Scope.of(IN_SCOPE, "tensor").num == 2
+    with pytest.raises(ValueError, match="no tensor is in scope"):
+        S.Scope.of([False, False], "vector")
+    with pytest.raises(ValueError, match="granularity"):
+        S.Scope.of(IN_SCOPE, "block")
+    assert S.SCOPES == ("all", "attention")
+
+
+def test_scope_summary_is_the_scope_alone():
+    from genrep.strategies.telemetry import scope_summary, summarize, update_change
+
+    g, seg, u, tel = scoped("genrep", "vector")
+    rule = S.get("genrep")
+    per = S.gram_matrix(g, seg)
+    scope = S.Scope.of(IN_SCOPE, "vector")
+    w, _ = S.scope.scoped_weights(rule, per, scope, None, rule.check_options({}))
+    out = scope_summary(per, w, scope.mask, (0.7, 0.3))
+    inside = torch.tensor(IN_SCOPE)[seg]
+    u_ref = 0.7 * g[0] + 0.3 * g[1]
+    assert out["scope_update_change"] == pytest.approx(
+        float((u[inside] - u_ref[inside]).norm() / u_ref[inside].norm()), rel=1e-10)
+    assert out["scope_cos"] == pytest.approx(float(torch.cosine_similarity(g[0, inside], g[1, inside], 0)), rel=1e-10)
+    assert out["scope_tensors"] == pytest.approx(0.4)
+    # the whole update's change: only the scope moves, so it is the scope's, scaled down
+    whole = summarize(per, w, tel, (0.7, 0.3))["update_change"]
+    assert whole == pytest.approx(float((u - u_ref).norm() / u_ref.norm()), rel=1e-10)
+    assert whole == pytest.approx(out["scope_update_change"] * float(u_ref[inside].norm() / u_ref.norm()), rel=1e-10)
+    assert float(update_change(per, w, (0.7, 0.3))) == pytest.approx(whole, rel=1e-12)

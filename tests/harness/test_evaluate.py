@@ -207,3 +207,67 @@ def test_perception_scope_scores_the_heads_and_the_held_out_loss_only():
     assert kept and set(cheap) == kept | {"eval_network_evals", "eval_seconds"}
     assert all(cheap[k] == full[k] for k in kept)
     assert cheap["eval_network_evals"] == vx.shape[0] * 4
+
+
+class MeanSignHead(torch.nn.Module):
+    """A 'model' whose head says class 1 when the image's mean pixel is positive, else 0; it
+    records every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+        self.seen = []
+
+    def logits(self, x):
+        self.seen.append(x.clone())
+        m = x.flatten(1).mean(1)
+        return torch.stack([-m, m], 1) * self.w
+
+
+def test_robustness_is_the_heads_top1_on_q_sample_with_one_fixed_noise():
+    """head_acc_t<t> by hand: x_t = √ᾱ_t·x + √(1−ᾱ_t)·ε with ε ~ N(0, I) from ROBUST_SEED on the
+    CPU, the same ε at every t; binomial stderr over the N images; noise_sigma_t<t> = √(1−ᾱ_t):
+    0.091, 0.245, 0.463 at t = 50, 150, 300 on genrep.diffusion's cosine schedule."""
+    from harness.evaluate import ROBUST_SEED, robust_metrics
+
+    g = torch.Generator().manual_seed(5)
+    x = (0.08 * torch.randn(40, 1, 4, 4, generator=g) + 0.03 * torch.randn(40, 1, 1, 1, generator=g)).clamp(-1, 1)
+    y = (x.flatten(1).mean(1) > 0).long()  # the clean images: all right
+    ac = make_scheduler().alphas_cumprod
+    head = MeanSignHead()
+    out = robust_metrics(head, x, y, ac, (50, 150, 300))
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(ROBUST_SEED))
+    accs = []
+    for t, sigma in ((50, 0.0910), (150, 0.2449), (300, 0.4630)):
+        a = ac[t].double()
+        x_t = a.sqrt() * x.double() + (1 - a).sqrt() * eps.double()
+        acc = ((x_t.flatten(1).mean(1) > 0).long() == y).double().mean().item()
+        assert out[f"head_acc_t{t}"] == pytest.approx(acc), t
+        assert out[f"head_acc_t{t}_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / 40)), t
+        assert out[f"noise_sigma_t{t}"] == pytest.approx(sigma, abs=5e-5), t
+        accs.append(acc)
+    assert accs[0] > accs[-1] and 0 < accs[-1] < 1  # noise that matters: the test can fail
+    # one ε for every t: the head's inputs solved for their noise agree
+    noise = [(s.double() - ac[t].double().sqrt() * x) / (1 - ac[t].double()).sqrt()
+             for s, t in zip(head.seen, (50, 150, 300))]
+    assert torch.allclose(noise[0], noise[2], atol=1e-4) and torch.allclose(noise[0], eps.double(), atol=1e-4)
+    assert robust_metrics(head, x, y, ac, (50, 150, 300)) == out  # fixed: the same every call
+    assert robust_metrics(head, x, y, ac, ()) == {}
+
+
+def test_robustness_is_scored_in_every_evaluation_of_the_head():
+    """``robust_t`` in the end-of-trial evaluation and in an ``every_metrics: perception`` one, with
+    the same values (the reporting split's images, the same ε); not without it."""
+    x, y = toy_dataset()
+    vx, vy = toy_dataset(4, seed=1)
+    ref = train_reference(x, y, epochs=2, seed=0, batch_size=16)
+    gen, ac = tiny_model(0), make_scheduler().alphas_cumprod
+    kw = dict(mc_k=2, mc_images=4, sample_per_class=1, ddim_steps=2, seed=0, alphas_cumprod=ac)
+    full = evaluate(gen, gen, vx, vy, ref, robust_t=(50, 300), **kw)
+    cheap = evaluate(gen, gen, vx, vy, ref, robust_t=(50, 300), scope="perception", **kw)
+    robust = {k for k in full if k.startswith(("head_acc_t", "noise_sigma_t"))}
+    assert robust == {"head_acc_t50", "head_acc_t50_stderr", "noise_sigma_t50", "head_acc_t300",
+                      "head_acc_t300_stderr", "noise_sigma_t300"}
+    assert all(cheap[k] == full[k] for k in robust)
+    assert not {k for k in evaluate(gen, gen, vx, vy, ref, scope="perception", **kw)
+                if k.startswith(("head_acc_t", "noise_sigma"))}

@@ -25,7 +25,7 @@ from harness.results import ResultsError, read_results, write_parquet_atomic
 from harness.step import NonFiniteLoss, check_finite
 
 # wall-clock and memory metrics are not expected to repeat
-NOT_DETERMINISTIC = {"step_time", "images_per_s", "rss_mb", "eval_seconds"}
+NOT_DETERMINISTIC = {"step_time", "images_per_s", "rss_mb", "eval_seconds", "startup_s", "train_s"}
 
 
 # ---------------------------------------------------------------- atomic results

@@ -94,7 +94,7 @@ def test_tensor_arm_is_unchanged_and_logs_the_same_keys(group, tmp_path):
     w_ref, _ = strategies.weights("pcgrad", per)
     out = step_fn(x, y, 0)
     assert SEG_KEYS <= set(out)
-    assert out["w_p"] == float(w_ref[:, 0].float().mean())
+    assert out["w_p"] == float(w_ref[:, 0].mean())  # float64 Grams, float64 telemetry
 
 
 def test_separate_counts_two_networks_of_the_joint_size(group, tmp_path):
@@ -120,3 +120,105 @@ def test_strategy_options_are_resolved_once_when_the_step_is_built(group, tmp_pa
     for s in range(3):
         step_fn(*batch(s), s)
     assert len(calls) == 1
+
+
+def test_global_grams_of_bf16_gradients_are_float64():
+    g = torch.Generator().manual_seed(4)
+    local = torch.randn(2, 1000, generator=g).to(torch.bfloat16)
+    seg = strategies.segment_ids([100, 300, 600])
+    whole, per = parallel.global_grams(local, seg)
+    exact = local.double() @ local.double().T
+    assert whole.dtype == per.dtype == torch.float64
+    assert torch.allclose(whole[0], exact, rtol=1e-13) and torch.allclose(per.sum(0), exact, rtol=1e-13)
+
+
+@pytest.mark.parametrize("granularity", ["vector", "tensor"])
+def test_scope_attention_aligns_only_the_attention_tensors_and_sums_the_rest(group, tmp_path, monkeypatch,
+                                                                            granularity):
+    """strategy.scope: attention on the published rule: the update the engine receives is genrep's
+    on the attention tensors (together at vector granularity, each alone at tensor) and exactly
+    0.7·g_p + 0.3·g_g on every other shared tensor."""
+    raw = tiny_sweep(tmp_path, strategies=["genrep"], granularity=granularity, scope="attention",
+                     method={"beta_kd": 0.0})
+    step_fn = make_step(from_dict(raw).trials()[0], Shard(0, 1, BATCH), torch.device("cpu"))
+    x, y = batch(2)
+    local, _ = whole_vector_reference(step_fn, x, y)
+    seen, original = {}, parallel.backward_combined
+    monkeypatch.setattr(parallel, "backward_combined",
+                        lambda engine, params, grads: seen.update(grads=[g.clone() for g in grads])
+                        or original(engine, params, grads))
+    out = step_fn(x, y, 0)
+    n = len(step_fn.shared)
+    u = torch.cat([g.reshape(-1) for g in seen["grads"][:n]])
+    seg = strategies.segment_ids([p.numel() for p in step_fn.shared])
+    mask = torch.tensor(step_fn.net.model.attention_mask())
+    inside = mask[seg]
+    assert 0 < int(mask.sum()) < len(mask)  # the tiny UNet's mid-block attention: 10 tensors
+    summed = 0.7 * local[0] + 0.3 * local[1]
+    atol = 1e-6 * float(summed.abs().max())
+    assert torch.allclose(u[~inside], summed[~inside], rtol=1e-5, atol=atol)
+    ref, tel = strategies.combine("genrep", local[:, inside], seg[inside] if granularity == "tensor" else None)
+    assert torch.allclose(u[inside], ref, rtol=1e-5, atol=atol)
+    assert not torch.allclose(u[inside], summed[inside], rtol=1e-3)  # the rule acts there
+    assert out["scope_tensors"] == pytest.approx(float(mask.double().mean()))
+    sizes = torch.tensor([p.numel() for p in step_fn.shared], dtype=torch.float64)
+    assert out["scope_params"] == pytest.approx(float(sizes[mask].sum() / sizes.sum()))
+    assert out["scope_cos"] == pytest.approx(float(torch.cosine_similarity(
+        local[0, inside].double(), local[1, inside].double(), 0)), rel=1e-6)
+    assert out["scope_update_change"] > 0 and out["update_change"] < out["scope_update_change"]
+    assert SEG_KEYS <= set(out)
+
+
+def test_scope_attention_on_sum_is_the_one_backward_weighted_sum(group, tmp_path):
+    """sum takes no task gradients: the scope changes nothing (documented as a no-op)."""
+    raw = tiny_sweep(tmp_path, strategies=["sum"], scope="attention", method={"beta_kd": 0.0},
+                     strategy_options={"sum": {"task_weights": [0.7, 0.3]}})
+    step_fn = make_step(from_dict(raw).trials()[0], Shard(0, 1, BATCH), torch.device("cpu"))
+    assert not step_fn.strategy.needs_task_grads
+    assert "scope_cos" not in step_fn(*batch(3), 0)
+
+
+@pytest.mark.parametrize("strategy", ["sum", "pcgrad"])
+def test_perception_gradient_is_scaled_once_with_scarce_labels(group, tmp_path, monkeypatch, strategy):
+    """Issue 31 ("Also"): is g_p scaled twice (labelled fraction × task weight × whole-batch
+    division)? No. By hand, with 2 of the 8 rows labelled and task weights (0.7, 0.3):
+    g_p = ∇ (1/B) Σ_{labelled} CE, i.e. (2/8)·∇(mean CE over the labelled rows): the labelled
+    fraction once, by design (genrep.losses.cross_entropy: a labelled image weighs what it would in
+    a full batch). The logged norm_p is ‖g_p‖ itself, before any task weight; the gradient the
+    optimizer reads is w_p·g_p + w_g·g_g on the shared tensors (sum: (0.7, 0.3); pcgrad: the
+    logged weights, task weights included once) and 0.7·g_p on the head."""
+    raw = tiny_sweep(tmp_path, strategies=[strategy], strategy_options={strategy: {"task_weights": [0.7, 0.3]}},
+                     method={"beta_kd": 0.0})
+    step_fn = make_step(from_dict(raw).trials()[0], Shard(0, 1, BATCH), torch.device("cpu"))
+    x, y = batch(2)
+    y[2:] = -1  # 25% labelled
+    model, labelled = step_fn.net.model, y >= 0
+    logits = model.logits(x)
+    ce_sum = torch.nn.functional.cross_entropy(logits[labelled], y[labelled], reduction="sum") / BATCH
+    ce_mean = torch.nn.functional.cross_entropy(logits[labelled], y[labelled])
+    params = step_fn.shared + step_fn.head
+    g_p = parallel.flat(torch.autograd.grad(ce_sum, params, allow_unused=True, retain_graph=True), params)
+    g_mean = parallel.flat(torch.autograd.grad(ce_mean, params, allow_unused=True), params)
+    torch.testing.assert_close(g_p, 0.25 * g_mean)
+    loss_g, _ = step_fn.generation_loss(model, x, y, 0)
+    g_g = parallel.flat(torch.autograd.grad(loss_g, step_fn.shared, allow_unused=True), step_fn.shared)
+    seen = {}
+    real_step = parallel.optimizer_step
+
+    def step_and_record(engine):  # the gradient the optimizer reads (ZeRO stage 0 on one rank)
+        seen["grad"] = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                                  for p in params])
+        real_step(engine)
+
+    monkeypatch.setattr(parallel, "optimizer_step", step_and_record)
+    out = step_fn(x, y, 0)
+    d = g_g.numel()
+    if strategy == "pcgrad":
+        assert out["norm_p"] == pytest.approx(float(g_p[:d].norm()), rel=1e-5)
+        assert out["norm_g"] == pytest.approx(float(g_g.norm()), rel=1e-5)
+        w_p, w_g = out["w_p"], out["w_g"]
+        assert out["conflict"] == 0 and (w_p, w_g) == (0.7, 0.3)  # cos 0.02 here: no projection
+    else:
+        w_p, w_g = 0.7, 0.3
+    torch.testing.assert_close(seen["grad"][:d], w_p * g_p[:d] + w_g * g_g, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(seen["grad"][d:], 0.7 * g_p[d:], rtol=1e-4, atol=1e-7)

@@ -6,7 +6,8 @@
   is the unified network at the switch and its EMA after every stage-2 step, stage 2 reports the
   semantic loss's terms;
 - a checkpoint taken in either stage resumes bitwise (weights, Adam, the semantic copy);
-- evaluation: the held-out loss of the modulated ε finds each image's own x_sem.
+- evaluation: the held-out loss of the modulated ε reads x_sem as the sampler does; the samplers
+  (``eval.samplers``: ddim at η = 0, ddpm at η = 1, where the σ factor acts) report side by side.
 
 The real training step (DeepSpeed engines on a one-process gloo group) on a tiny UNet, without
 Ray or the shard loader: every step's batch is drawn from the step index.
@@ -56,6 +57,7 @@ def flat(module) -> torch.Tensor:
 def test_defaults_leave_the_model_and_the_trial_as_they_were(tiny):
     cfg = trial(tiny)
     assert not cfg.method.semantic.on and cfg.train.stage1_steps == 0
+    assert cfg.eval.samplers == ("ddim",)  # the reported samples are η = 0 DDIM's, as before
     assert cfg.model_config().semantic is False
     assert trial(tiny, **{"method.semantic.enabled": True}).model_config().semantic is True
     rep = trial(tiny, **{"method.semantic.rep_align": 0.5})  # rep-align alone needs the module too
@@ -75,6 +77,14 @@ def write(tmp_path, raw):
     ({"method": {"semantic": {"vlb_weight": -1}}}, "method.semantic.vlb_weight", "must be >= 0"),
     ({"method": {"semantic": {"ema_decay": 1.0}}}, "method.semantic.ema_decay", "[0, 1)"),
     ({"method": {"semantic": {"inference": "x0"}}}, "method.semantic.inference", "must be one of"),
+    ({"method": {"semantic": {"train_source": "x0_bar"}}}, "method.semantic.train_source", "must be one of"),
+    ({"method": {"semantic": {"vlb_weighting": "uniform"}}}, "method.semantic.vlb_weighting",
+     "must be one of"),
+    ({"eval": {"samplers": ["ddim", "ddpm", "ddim"]}}, "eval.samplers", "distinct"),
+    ({"eval": {"samplers": ["dpm"]}}, "eval.samplers", "must be one of"),
+    ({"eval": {"ddpm_steps": 1001}}, "eval.ddpm_steps", "[1, 1000]"),
+    ({"model": {"preset": "digits16", "overrides": {"sem_width": 0}}}, "model.overrides.sem_width",
+     "must be > 0"),
     ({"method": {"semantic": {"enable": True}}}, "method.semantic.enable", "unknown field"),
     ({"model": {"preset": "digits16", "overrides": {"semantic": True}}}, "model.overrides.semantic",
      "set by method.semantic"),
@@ -98,6 +108,14 @@ def test_bad_semantic_settings_name_file_and_field(tmp_path, tiny, sections, fie
         load(path)
     msg = str(err.value)
     assert msg.startswith(f"{path}: ") and field in msg and words in msg, msg
+
+
+def test_x_sem_is_read_in_training_as_at_sampling_unless_told(tiny):
+    """train_source null follows inference (x̂_0 by default); x0 is the clean-image ablation."""
+    sem = trial(tiny).method.semantic
+    assert sem.train_source is None and sem.train_from == "x0_hat" and sem.vlb_weighting == "per_t"
+    assert trial(tiny, **{"method.semantic.inference": "x_t"}).method.semantic.train_from == "x_t"
+    assert trial(tiny, **{"method.semantic.train_source": "x0"}).method.semantic.train_from == "x0"
 
 
 def test_a_joint_variant_may_switch_semantic_on_beside_a_separate_arm(tiny):
@@ -158,10 +176,11 @@ def test_rep_align_alone_trains_with_the_unmodulated_eps(tiny, group):
     cfg = trial(tiny, "sum", **{"method.semantic.rep_align": 0.5, "method.beta_kd": 0.0})
     step_fn = build(cfg)
     sem = step_fn.net.model.semantic
-    mean_sigma = [p.detach().clone() for p in (*sem.mean.parameters(), *sem.sigma.parameters())]
+    modulation = [p for n, p in sem.named_parameters() if not n.startswith("projector.")]
+    mean_sigma = [p.detach().clone() for p in modulation]
     (metrics,) = run(step_fn, 0, 1)
     assert metrics["loss_rep"] > 0 and metrics["loss_vlb"] == 0 and metrics["sigma_factor"] == 1
-    assert all(torch.equal(a, p) for a, p in zip(mean_sigma, (*sem.mean.parameters(), *sem.sigma.parameters())))
+    assert all(torch.equal(a, p) for a, p in zip(mean_sigma, modulation))
     assert step_fn.semantic_eval(None) is None
 
 
@@ -194,26 +213,27 @@ def test_resume_in_either_stage_is_bitwise_exact(tiny, group, tmp_path, stop):
 
 
 # ---------------------------------------------------------------- evaluation
-def test_heldout_loss_of_the_modulated_eps_reads_each_images_own_x_sem(tiny, group):
-    """heldout_denoising_errors forwards the images in chunks; the semantic ε function takes row
-    indices for labels, so a chunk of 3 of 8 images gets those 3 images' x_sem."""
+def test_heldout_loss_of_the_modulated_eps_reads_x_sem_as_the_sampler(tiny, group):
+    """The held-out ε is ε_θ + Δε with x_sem read off each row's own x̂_0 (or x_t), as sampling
+    reads it (genrep.semantic.semantic_eps_fn): chunking does not change it, and it is not the
+    base ε's."""
     from genrep.metrics import heldout_denoising_errors
-    from harness.evaluate import heldout_metrics, semantic_eps_fn
+    from genrep.semantic import semantic_eps_fn
+    from harness.evaluate import heldout_metrics
 
     cfg = trial(tiny, "sum", **{"method.semantic.enabled": True})
     step_fn = build(cfg)
     model, sem_net = step_fn.net.model, step_fn.net.sem
     with torch.no_grad():
-        model.semantic.mean.weight.normal_(generator=torch.Generator().manual_seed(0))
+        model.semantic.mean_out.weight.normal_(generator=torch.Generator().manual_seed(0))
     x, y = batch(7)
     acs = step_fn.alphas_cumprod
-    idx = torch.arange(8)
-    chunked = heldout_denoising_errors(semantic_eps_fn(model, sem_net, x, y), x, idx, acs, batch_size=3)
-    x_sem = sem_net.semantic_features(x).detach()
-    whole = heldout_denoising_errors(lambda xt, t, c: model.eps_semantic(xt, t, c, x_sem), x, y, acs)
+    fn = semantic_eps_fn(model, sem_net, "x0_hat", acs)
+    chunked = heldout_denoising_errors(fn, x, y, acs, batch_size=3)
+    whole = heldout_denoising_errors(fn, x, y, acs)
     base = heldout_denoising_errors(lambda xt, t, c: model.eps(xt, t, c), x, y, acs)
-    assert torch.allclose(chunked, whole, atol=1e-6) and not torch.allclose(chunked, base, atol=1e-3)
-    held, _ = heldout_metrics(model, x, y, acs, sem_net)
+    assert torch.allclose(chunked, whole, atol=1e-5) and not torch.allclose(whole, base, atol=1e-3)
+    held, _ = heldout_metrics(model, x, y, acs, (sem_net, "x0_hat"))
     assert held["heldout_loss"] == pytest.approx(whole.mean().item(), rel=1e-5)
 
 
@@ -227,7 +247,7 @@ def test_evaluation_samples_and_scores_with_the_semantic_network(tiny, group):
     step_fn = build(cfg)
     model = step_fn.net.model
     with torch.no_grad():
-        model.semantic.mean.weight.normal_(generator=torch.Generator().manual_seed(0))
+        model.semantic.mean_out.weight.normal_(generator=torch.Generator().manual_seed(0))
     ref = ReferenceNet(1, 10, width=4)
     x, y = batch(8, n=10)
     kw = dict(mc_k=1, mc_images=4, sample_per_class=1, ddim_steps=2, alphas_cumprod=step_fn.alphas_cumprod)
@@ -238,3 +258,32 @@ def test_evaluation_samples_and_scores_with_the_semantic_network(tiny, group):
         assert got["mc_acc"] == base["mc_acc"] and got["head_acc"] == base["head_acc"]
         assert got["heldout_loss"] != base["heldout_loss"] and got["fd_ref"] != base["fd_ref"]
     assert out["x0_hat"]["fd_ref"] != out["x_t"]["fd_ref"]  # the source of x_sem matters
+
+
+def test_the_stochastic_sampler_reports_beside_ddim_and_sees_the_factor(tiny, group):
+    """eval.samplers [ddim, ddpm]: ddim's metrics keep their names and values, ddpm's (η = 1)
+    come as fd_ref_ddpm, kid_ref_ddpm, sample_acc_ddpm from the same x_T. A σ factor ≠ 1 (f_σ
+    perturbed, Δε still 0) moves the ddpm samples and leaves the ddim ones bitwise."""
+    from genrep.reference import ReferenceNet
+    from harness.evaluate import evaluate
+
+    cfg = trial(tiny, "sum", **{"method.semantic.enabled": True, "method.beta_kd": 0.0,
+                                "eval.samplers": ("ddim", "ddpm")})
+    step_fn = build(cfg)
+    model = step_fn.net.model
+    ref = ReferenceNet(1, 10, width=4)
+    x, y = batch(8, n=10)
+    kw = dict(mc_k=1, mc_images=2, sample_per_class=1, ddim_steps=2, ddpm_steps=4,
+              alphas_cumprod=step_fn.alphas_cumprod, semantic=step_fn.semantic_eval(None))
+    ddim_only = evaluate(model, model, x, y, ref, **kw)
+    both = evaluate(model, model, x, y, ref, samplers=cfg.eval.samplers, **kw)
+    names = ("fd_ref", "kid_ref", "sample_acc")
+    assert all(both[m] == ddim_only[m] for m in names)
+    assert all(f"{m}_ddpm" in both and f"{m}_ddpm_stderr" in both for m in names)
+    assert both["fd_ref_ddpm"] != both["fd_ref"]
+    with torch.no_grad():
+        for p in model.semantic.sigma.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(1))
+    moved = evaluate(model, model, x, y, ref, samplers=cfg.eval.samplers, **kw)
+    assert all(moved[m] == both[m] for m in names)
+    assert moved["fd_ref_ddpm"] != both["fd_ref_ddpm"]

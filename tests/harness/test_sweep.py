@@ -5,6 +5,8 @@ path; nothing is mocked. The results file's rows and columns are checked.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import yaml
@@ -60,10 +62,19 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny, ray_local, capsys):
     held = held[held["step"] == 4]
     for name in ("samples-step000000.png", "samples-step000002.png", "samples.png"):
         assert len(list((tmp_path / "out").rglob(name))) == len(STRATEGIES), name
-    for metric in ("head_acc", "mc_acc", "heldout_loss", "fd_ref", "sample_acc", "head_ece"):
+    for metric in ("head_acc", "mc_acc", "heldout_loss", "fd_ref", "sample_acc", "head_ece",
+                   "head_acc_t50", "head_acc_t150", "head_acc_t300", "noise_sigma_t300"):
         vals = held.loc[held.metric == metric].set_index("strategy")["value"]
         assert set(vals.index) == set(STRATEGIES), metric
         assert vals.notna().all() and (vals.abs() < 1e9).all(), metric
+    # robustness (eval.robust_t's defaults): binomial stderr, σ logged beside each t
+    assert held.loc[held.metric == "head_acc_t50", "stderr"].notna().all()
+    assert held.loc[held.metric == "noise_sigma_t300", "value"].round(3).eq(0.463).all()
+    # a trial's wall split: start-up, training (Σ step_time), the final evaluation
+    wall = held.pivot_table(index="strategy", columns="metric", values="value")
+    assert (wall["startup_s"] > 0).all() and (wall["eval_seconds"] > 0).all()
+    steps = train[train.metric == "step_time"].groupby("strategy")["value"].sum()  # 2-step windows
+    assert ((wall["train_s"] - 2 * steps).abs() < 1e-6 * wall["train_s"]).all()
     params = held[held.metric == "params_total"].set_index("strategy")["value"]
     assert params["separate"] == 2 * params["sum"]  # two networks: the cost comparison is honest
     assert df.loc[df.metric == "head_acc", "higher_is_better"].all()
@@ -72,3 +83,43 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny, ray_local, capsys):
     # a second run without --resume/--overwrite refuses to clobber the first
     assert main(["sweep", str(path)]) == 2
     assert "already holds a sweep" in capsys.readouterr().err
+
+
+def test_a_warm_started_sweep_pretrains_once_and_every_trial_starts_from_it(tmp_path, tiny, ray_local, monkeypatch):
+    """init.pretrain: the driver runs the pretrain as a Ray Train job before the trials, caches the
+    backbone (save_pretrained) beside the shards with init.json, writes init.json beside the
+    results; a second sweep on the same data reuses the cache without training (its fit would
+    fail here); a damaged cache is refused naming the field."""
+    import json
+
+    import harness.trial
+    from harness.config import ConfigError, from_dict
+    from harness.data import resolve_dataset
+    from harness.warmstart import resolve_init
+
+    raw = tiny(strategies=["sum"], init={"pretrain": {"steps": 3, "seed": 7}})
+    path = tmp_path / "warm.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) == 0
+    df = results.read_results(tmp_path / "out")
+    assert (df["status"] == "ok").all() and set(df["strategy"]) == {"sum"}
+    recorded = json.loads((tmp_path / "out" / "init.json").read_text())
+    cache = Path(recorded["dir"])
+    assert cache.parent.parent.name == "init" and (cache / "config.json").exists()
+    assert recorded["steps"] == 3 and recorded["source"] == "pretrain" and 0 <= recorded["mc_acc"] <= 1
+    assert not list(cache.parent.parent.glob(".tmp-*"))  # nothing half-written left behind
+    from harness.report import build_report
+
+    md = build_report([tmp_path / "out"], tmp_path / "report")["report.md"].read_text()
+    assert f"Warm start (out): pretrain {recorded['key']}, 3 steps from seed 7" in md
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached warm start was trained again")
+
+    monkeypatch.setattr(harness.trial, "fit", no_training)
+    other = from_dict(tiny(strategies=["genrep"], output_dir=str(tmp_path / "other"),
+                           init={"pretrain": {"steps": 3, "seed": 7}}))
+    assert resolve_init(other, resolve_dataset(other), str(tmp_path / "ray")) == recorded
+    (cache / "config.json").write_text((cache / "config.json").read_text() + " ")
+    with pytest.raises(ConfigError, match="init.pretrain: the cached backbone .* does not match"):
+        resolve_init(other, resolve_dataset(other), str(tmp_path / "ray"))

@@ -98,3 +98,16 @@ def test_the_self_training_control_distils_the_ema_heads_tempered_predictions(gr
     assert step_fn.teacher.probs(net.teacher(), x, 1)[0].shape == (0, 10)  # every 2nd step
     out = step_fn(x, y, 0)
     assert out["mc_evals"] == 4.0 and out["loss_kd"] > 0
+
+
+def test_calibration_reads_the_labels_the_trial_trains_on(tiny):
+    """With data.label_noise (the positive control) the calibration images carry the flipped
+    labels, as the trial's own training batches do."""
+    from harness.data.splits import label_noise
+
+    cfg = from_dict(tiny(data={"label_noise": 0.4, "label_seed": 1}, method={"mc": {"calibrate_images": 40}}))
+    trial, data = cfg.trials()[0], resolve_dataset(cfg)
+    _, y = teacher_inputs(trial, data, torch.device("cpu"))["calibration"]
+    want = next(iter(make_loader(data.train, 40, shuffle_shards=False, label_seed=1, **label_noise(trial))))[1]
+    clean = next(iter(make_loader(data.train, 40, shuffle_shards=False)))[1]
+    assert torch.equal(y, want) and not torch.equal(y, clean)

@@ -66,12 +66,12 @@ def test_run_trial_hands_its_workers_the_resolved_config(tiny, monkeypatch, tmp_
     monkeypatch.setattr(ray.tune, "get_context",
                         lambda: types.SimpleNamespace(get_trial_dir=lambda: str(tmp_path)))
     fitted = []
-    monkeypatch.setattr(trial, "fit", lambda c, data, storage, name, in_tune, trial_dir:
-                        fitted.append((c, data, name, trial_dir)))
+    monkeypatch.setattr(trial, "fit", lambda c, data, storage, name, in_tune, trial_dir, init_dir:
+                        fitted.append((c, data, name, trial_dir, init_dir)))
     trial.run_trial({"variant": "genrep_nokd", "seed": 1, "overrides": {"train.lr": 0.01}}, arms,
                     {"train": []}, str(tmp_path))
     want = cfg.arm("genrep_nokd", 1, {"train.lr": 0.01})
-    assert fitted == [(want, {"train": []}, f"train-{trial.trial_name(want)}", str(tmp_path))]
+    assert fitted == [(want, {"train": []}, f"train-{trial.trial_name(want)}", str(tmp_path), None)]
     assert trial_from_dict(want.to_dict()) == want  # what the worker does with it
 
 

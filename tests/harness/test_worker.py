@@ -6,6 +6,7 @@ killed worker from its checkpoint = an undisturbed run) is proved in test_faults
 """
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from tests.conftest import tiny_sweep
 
 STEPS = 4
 # wall-clock and memory metrics are not expected to repeat; everything else must, bitwise
-NOT_DETERMINISTIC = {"step_time", "images_per_s", "rss_mb", "eval_seconds"}
+NOT_DETERMINISTIC = {"step_time", "images_per_s", "rss_mb", "eval_seconds", "startup_s", "train_s"}
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +151,9 @@ def test_reverse_chain_teacher_is_deterministic_and_calibrated(sweep):
     assert runs[0] == runs[1]
     first = runs[0][0]
     assert first["teacher_tau"] > 0 and "loss_kd" in first
-    # n·(chain forwards + kept·C) for the n = round(subset·B) = 1 scored image: kept states 2
-    # and 4, the chain run up to the last kept one (index 4)
-    assert first["mc_evals"] == 1 * (4 + 2 * 10)
+    # n·kept·C for the n = round(subset·B) = 1 scored image: kept states 2 and 4; the tied chain
+    # (method.mc.chain's default) steps with x and ε*, no network forwards
+    assert first["mc_evals"] == 1 * 2 * 10
 
 
 def test_the_teacher_passes_chain_start_to_its_chain(sweep, monkeypatch):
@@ -171,3 +172,21 @@ def test_the_teacher_passes_chain_start_to_its_chain(sweep, monkeypatch):
                         **teacher_inputs(trial, urls, torch.device("cpu")))
     train(step_fn, make_loader(urls.train, trial.train.batch_size, seed=0), 0, 1)
     assert seen and all(a[2] == 300 for a in seen)
+
+
+def test_images_per_s_is_total_images_over_total_time():
+    """Steps of 0.1, 0.3, 0.2 and 0.4 s at batch 32: 128 images in 1.0 s = 128 images/s, not the
+    mean of the per-step rates (320 + 106.7 + 160 + 80)/4 = 166.7; a resumed run's running sums
+    carry on (the checkpointed Window), and before any step there is no rate."""
+    from harness.worker import images_per_s
+
+    timed = Window()
+    assert math.isnan(images_per_s(timed, 32))
+    for dt in (0.1, 0.3):
+        timed.add({"step_time": dt, "mc_evals": 0.0})
+    assert images_per_s(timed, 32) == pytest.approx(64 / 0.4)  # 160, not (320 + 106.7)/2
+    resumed = Window()
+    resumed.load_state_dict(timed.state_dict())
+    for dt in (0.2, 0.4):
+        resumed.add({"step_time": dt, "mc_evals": 0.0})
+    assert images_per_s(resumed, 32) == pytest.approx(128.0)

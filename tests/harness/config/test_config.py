@@ -41,6 +41,10 @@ def write(tmp_path: Path, raw) -> Path:
     ("method", {"mc": {"chain_steps": 20, "burn_in": 2, "chain_start": 10}}, "method.mc.chain_start",
      "below chain_steps"),
     ("method", {"mc": {"chain_start": 1000}}, "method.mc.chain_start", "[0, 999]"),
+    # the tied chain (the default) keeps ε* fixed at η = 0: every kept state the same draw
+    ("method", {"mc": {"eta": 0.0}}, "method.mc.chain", "method.mc.eta > 0"),
+    ("method", {"mc": {"chain": "walk"}}, "method.mc.chain", "must be one of"),
+    ("method", {"mc": {"aggregate": "lme"}}, "method.mc.aggregate", "must be one of"),
     ("method", {"p_uncond": 1.5}, "method.p_uncond", "[0, 1)"),
     ("deepspeed", {"zero_stage": 5}, "deepspeed.zero_stage", "0, 1, 2 or 3"),
     ("deepspeed", {"precision": "fp8"}, "deepspeed.precision", "must be one of"),
@@ -65,6 +69,15 @@ def test_bad_field_names_file_and_field(tmp_path, tiny, section, patch, field, w
         load(path)
     msg = str(err.value)
     assert str(path) in msg and field in msg and words in msg, msg
+
+
+def test_the_free_chain_takes_eta_zero_and_the_tied_one_is_the_default(tmp_path, tiny):
+    raw = tiny()
+    mc = load(write(tmp_path, raw)).config.method.mc
+    assert (mc.chain, mc.aggregate, mc.eta) == ("tied", "noise_lme", 1.0)
+    raw["method"] = {**raw.get("method", {}), "mc": {"chain": "free", "eta": 0.0, "aggregate": "x0_lme"}}
+    mc = load(write(tmp_path, raw)).config.method.mc
+    assert (mc.chain, mc.aggregate, mc.eta) == ("free", "x0_lme", 0.0)
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):

@@ -118,6 +118,37 @@ def test_perf_rejects_unknown_ids(tmp_path, capsys):
     assert "P9" in capsys.readouterr().err
 
 
+def test_p3c_picks_the_cheapest_tied_setting_within_a_point_and_says_why():
+    """P3c's verdict from its raw numbers (no model): the configured aggregate's cheapest tied
+    setting within 1 point of the forward full, free chains never picked; short: how far."""
+    from harness.perf.mc import Chain, chain_key, p3c_pick
+
+    def entry(evals, noise_lme, mean_log=0.5):
+        return {"noise_lme": noise_lme, "mean_log": mean_log, "x0_lme": 0.1, "evals_per_image": evals,
+                "seconds": 1.0, "seeds": 3}
+
+    raw = {"acc_full": 0.82, "evals_per_image_full": 80.0,
+           chain_key(Chain(200, 50, 2)): entry(750, 0.83), chain_key(Chain(10, 2, 1)): entry(80, 0.812),
+           chain_key(Chain(5, 1, 1)): entry(40, 0.70, mean_log=0.82),
+           chain_key(Chain(4, 0, 1, chain="free")): entry(43, 0.9)}
+    assert list(raw)[2:] == ["tied_200_50_2", "tied_10_2_1", "tied_5_1_1", "free_4_0_1"]
+    ratio, near, note = p3c_pick(raw, 359, "noise_lme")
+    assert (ratio, near) == (1.0, True) and "noise_lme, tied_10_2_1" in note and "binomial SE 0.021" in note
+    assert "stretch ≤ 0.5 (the paper's claim) not met" in note
+    ratio, near, note = p3c_pick(raw, 359, "mean_log")  # another aggregate: its own cheapest
+    assert (ratio, near) == (0.5, True) and "mean_log, tied_5_1_1" in note and "met" in note
+    # short everywhere: the most accurate within the target's budget (≤ the full's 80), and the
+    # most accurate at any cost beside it
+    raw[chain_key(Chain(200, 50, 2))] = entry(750, 0.80)
+    raw[chain_key(Chain(10, 2, 1))] = entry(80, 0.79)
+    ratio, near, note = p3c_pick(raw, 359, "noise_lme")
+    assert (ratio, near) == (1.0, False) and "noise_lme at no more evaluations, tied_10_2_1" in note
+    assert "short of it by 0.030 (0.020 beyond the 1-point margin)" in note
+    assert note.endswith("the most accurate at any cost, tied_200_50_2 (750 evals/image, 3 seed(s)): top-1 "
+                         "0.800 vs forward full 0.820 (-0.020; binomial SE 0.021 on 359 images)")
+    assert chain_key(Chain(20, 0, 1, start=400, eta=0.5)) == "tied_20_0_1_s400_eta0.5"
+
+
 def _engine_in_a_group(raw: dict, port: int, out: str) -> None:
     """In a fresh process (DeepSpeed creates its shm workspace once per process): build a real
     engine inside perf's process group and record whether the workspace file existed then."""

@@ -99,6 +99,13 @@ def power_df2(delta: float, alpha: float = 0.05) -> float:
     return 1 - k * math.exp(-delta**2 * (1 - k * k) / 2)
 
 
+def mde_2df(alpha: float, sd: float = 0.02, power: float = 0.8) -> float:
+    """The MDE at n = 3 (2 df) by hand: power_df2(δ, α) = power → δ² = 2·ln(k/(1 − power))/(1 − k²),
+    k = 1 − α; MDE = δ·s_d/√3."""
+    k = 1 - alpha
+    return math.sqrt(2 * math.log(k / (1 - power)) / (1 - k * k)) * sd / SQ3
+
+
 def sm_power(d: float, n: int, alpha: float = 0.05) -> float:
     """The same power from statsmodels (an independent implementation; finite at these d)."""
     from statsmodels.stats.power import TTestPower
@@ -213,13 +220,13 @@ def test_the_section_parses_with_defaults(valid):
     ({"primary": ["acc"], "margins": {"acc": 1}}, None,
      "preregistration.primary[0]: 'acc' is not a held-out"),
     ({"primary": ["miou"], "margins": {"miou": 0.01}}, None, "primary[0]: miou needs the segment task"),
-    ({"margins": {"head_acc": 0.01}}, None, "preregistration.margins.fd_ref: every primary metric needs"),
+    ({"margins": {"head_acc": 0.01}}, None, "preregistration.margins.fd_ref: every metric of the family needs"),
     ({"margins": {"head_acc": 0.01, "fd_ref": 0}}, None, "preregistration.margins.fd_ref"),
     ({"margins": {"head_acc": 0.01, "fd_ref": 2, "sample_acc": 0.1}}, None,
-     "preregistration.margins.sample_acc: not a primary metric"),
+     "preregistration.margins.sample_acc: not a metric of the family"),
     ({"alpha": 0.5}, None, "preregistration.alpha: must be in (0, 0.5)"),
     ({"seeds": 1}, None, "preregistration.seeds: must be >= 2"),
-    ({"primary": ["head_acc", "head_acc"]}, None, "preregistration.primary: non-empty, distinct"),
+    ({"primary": ["head_acc", "head_acc"]}, None, "preregistration.primary: distinct"),
     ({"ablation": [{"arm": "zz", "row": "B"}], "paper_direction": {}}, None, "ablation[0].arm: 'zz'"),
     ({"ablation": [{"arm": "sum", "row": "B"}, {"arm": "pcgrad", "row": "B"}], "paper_direction": {}},
      None, "row names must be distinct"),
@@ -301,6 +308,7 @@ def test_prereg_table_by_hand(table):
     assert gh["ci95"] == pytest.approx(4.302653 * 0.02 / SQ3, abs=1e-6)
     assert gh["p"] == pytest.approx(p_df2(2 * SQ3))
     assert gh["mde"] == pytest.approx(0.065281, abs=1e-6)  # exact power, test_mde_exact_power
+    assert gh["mde_holm"] == pytest.approx(mde_2df(0.05 / 4), rel=1e-6)  # at α/m, m = 4: 0.1309
     assert gh["tost_lo"] == pytest.approx(0.006283, abs=1e-6)
     assert gh["tost_hi"] == pytest.approx(0.073717, abs=1e-6)
     assert gf["p"] == 0.0 and pf["p"] == pytest.approx(p_df2(30 * SQ3))
@@ -324,7 +332,9 @@ def test_format_prereg(table, p):
     row = t[t["metric"] == "fd_ref ↓"].loc["genrep − sum"]
     assert (row["p"], row["p (Holm)"], row["verdict"], row["margin"]) == ("<0.001", "<0.001", "better", "±2")
     assert t[t["metric"] == "head_acc ↑"].loc["genrep − sum", "Δ ± 95% CI"] == "+0.040 ± 0.050"
-    assert t[t["metric"] == "head_acc ↑"].loc["genrep − sum", "MDE (power 0.8)"] == "0.0653"
+    assert t[t["metric"] == "head_acc ↑"].loc["genrep − sum", "MDE (α = 0.05)"] == "0.0653"
+    # α/m = 0.05/4: 2 df in closed form (test_mde_exact_power), δ² = 2·ln(k/0.2)/(1 − k²), k = 1 − α/m
+    assert t[t["metric"] == "head_acc ↑"].loc["genrep − sum", "MDE (α/m = 0.0125)"] == f"{mde_2df(0.0125):.3g}"
 
 
 def test_fewer_paired_seeds_than_registered_is_stated(p):
@@ -436,5 +446,265 @@ def test_the_documented_example_validates():
     example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", block, re.S).group(1))
     raw = yaml.safe_load((ROOT / "sweeps" / "dense_shapes.yaml").read_text())
     raw.update(example)
-    p = from_dict(raw, "docs/sweeps.md").preregistration
-    assert p.baseline == "sum_nokd" and p.primary == ("head_acc", "miou", "fd_ref")
+    cfg = from_dict(raw, "docs/sweeps.md")
+    p = cfg.preregistration.resolved(cfg.labels(), cfg.seed_offsets())
+    assert p.baseline == "sum_nokd" and p.primary == ("head_acc", "miou")
+    assert [(c.arm, c.reference, c.metric) for c in p.triples()] == [
+        ("sum", "sum_nokd", "head_acc"), ("sum", "sum_nokd", "miou"), ("genrep", "sum", "head_acc"),
+        ("genrep", "sum", "fd_ref"), ("aa", "sum_nokd", "head_acc"), ("aa", "sum_nokd", "miou"),
+        ("noisy", "sum_nokd", "head_acc")]
+    assert p.pilot.seeds_chosen == p.seeds == 5 and p.seed_offsets == {"aa": 1000}
+
+
+# ---------------------------------------------------------------- the family as triples, controls
+# Arms base (the baseline), kd, kd_self, aa (the A/A control: base's config, seeds 1000–1002) and
+# noisy (the positive control) on head_acc ↑, seeds 0–2 (aa: 1000–1002, paired by index):
+#   base    [0.70, 0.80, 0.90]
+#   kd      [0.74, 0.86, 0.92]   kd − base    = [.04, .06, .02]: d̄ .04, s .02, t 2√3
+#   kd_self [0.72, 0.84, 0.90]   kd − kd_self = [.02, .02, .02]: s 0, p 0
+#   aa      [0.71, 0.79, 0.90]   aa − base    = [.01, −.01, 0]: d̄ 0, s .01, p 1
+#   noisy   [0.40, 0.52, 0.58]   noisy − base = [−.30, −.28, −.32]: d̄ −.3, s .02, t −15√3
+# Family (m = 4): kd − base (the shorthand), kd − kd_self (a triple), aa − base, noisy − base.
+# Holm: sorted p (0, p_df2(15√3), p_df2(2√3), 1) × (4, 3, 2, 1), running max.
+TRIPLE_HEAD = {"base": [0.70, 0.80, 0.90], "kd": [0.74, 0.86, 0.92], "kd_self": [0.72, 0.84, 0.90],
+               "aa": [0.71, 0.79, 0.90], "noisy": [0.40, 0.52, 0.58]}
+TRIPLE_PREREG = {"primary": ["head_acc"], "baseline": "base", "comparisons": ["kd"],
+                 "family": [{"arm": "kd", "reference": "kd_self", "metric": "head_acc"}],
+                 "controls": {"aa": "aa", "positive": {"arm": "noisy", "metric": "head_acc",
+                                                       "expect": "worse"}},
+                 "margins": {"head_acc": 0.01}, "seeds": 3, "seed_offsets": {"aa": 1000}}
+
+
+def triple_frame(head=None, prereg=None) -> pd.DataFrame:
+    """One held-out val evaluation (step 10) per arm × seed, head_acc and a flat sample_acc (0.5
+    everywhere: not registered); aa's seeds offset by 1000."""
+    head, prereg, rows = head or TRIPLE_HEAD, prereg or TRIPLE_PREREG, []
+    for arm, values in head.items():
+        for i, v in enumerate(values):
+            seed = i + prereg.get("seed_offsets", {}).get(arm, 0)
+            cfg = {"strategy": {"name": "sum"}, "variant": arm, "seed": seed, "preregistration": prereg}
+            fields = results.trial_fields(cfg, f"{arm}-{seed}", "h", "ok", "", "sha", "{}")
+            rows += results.long_rows([{"step": 10, "split": "val", "head_acc": v, "sample_acc": 0.5}],
+                                      fields)
+    return results.frame(rows).assign(sweep="triples", strategy=lambda d: d["trial"].str.split("-").str[0])
+
+
+def test_old_form_expands_to_the_same_triples():
+    """A stored pre-registration of the old form (baseline, comparisons, primary: no family, no
+    controls) loads and expands to each comparison arm × each primary metric against the baseline."""
+    from harness.config import Comparison, preregistration_from_dict
+
+    old = {k: v for k, v in PREREG.items()}  # what results before triples stored
+    p = preregistration_from_dict(old)
+    assert p.triples() == (Comparison("genrep", "sum", "head_acc"), Comparison("genrep", "sum", "fd_ref"),
+                           Comparison("pcgrad", "sum", "head_acc"), Comparison("pcgrad", "sum", "fd_ref"))
+    explicit = dict(PREREG, comparisons=[], family=[{"arm": c.arm, "reference": c.reference,
+                                                     "metric": c.metric} for c in p.triples()])
+    q = preregistration_from_dict(explicit)
+    assert q.triples() == p.triples() and q.alpha_first() == p.alpha_first() == 0.05 / 4
+    a, b = prereg_table(frame(), p), prereg_table(frame(explicit), q)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_triples_holm_over_the_family_and_mde_at_alpha_over_m():
+    df = triple_frame()
+    p = preregistration(df)[0]
+    assert [(c.arm, c.reference) for c in p.triples()] == [("kd", "base"), ("kd", "kd_self"),
+                                                            ("aa", "base"), ("noisy", "base")]
+    t = prereg_table(df, p).set_index(["arm", "reference"])
+    kd, kds, aa, noisy = (t.loc[k] for k in [("kd", "base"), ("kd", "kd_self"), ("aa", "base"),
+                                             ("noisy", "base")])
+    assert kd["p"] == pytest.approx(p_df2(2 * SQ3)) and kds["p"] == 0.0 and aa["p"] == pytest.approx(1.0)
+    assert noisy["p"] == pytest.approx(p_df2(15 * SQ3)) and noisy["delta"] == pytest.approx(-0.30)
+    assert kds["p_holm"] == 0.0 and noisy["p_holm"] == pytest.approx(3 * p_df2(15 * SQ3))
+    assert kd["p_holm"] == pytest.approx(2 * p_df2(2 * SQ3)) and aa["p_holm"] == 1.0
+    assert (kd["verdict"], kds["verdict"], aa["verdict"], noisy["verdict"]) == (
+        "inconclusive", "better", "inconclusive", "worse")
+    # the MDE at α and at α/m = 0.05/4 (m = 4 triples), s_d = 0.02 and 0.01, n = 3
+    assert kd["mde"] == pytest.approx(mde_2df(0.05), rel=1e-6)
+    assert kd["mde_holm"] == pytest.approx(mde_2df(0.0125), rel=1e-6)  # 0.1309, twice the 0.0653
+    assert aa["mde_holm"] == pytest.approx(mde_2df(0.0125, sd=0.01), rel=1e-6)
+    assert list(t["role"]) == ["comparison", "comparison", "A/A control", "positive control"]
+
+
+def test_aa_is_paired_by_index():
+    """Seed i + 1000 of the A/A arm meets the baseline's seed i; without the offset no seed is shared."""
+    df = triple_frame()
+    values = df[df["metric"] == "head_acc"].groupby(["strategy", "sweep", "seed"])["value"].mean()
+    both = paired(values, "aa", "base", {"aa": 1000})
+    assert both.index.get_level_values("seed").tolist() == [0, 1, 2]
+    assert (both["arm"] - both["base"]).tolist() == pytest.approx([0.01, -0.01, 0.0])
+    assert paired(values, "aa", "base").empty
+
+
+def test_controls_pass_and_the_aa_table():
+    from harness.report.prereg import aa_table, banner, controls_table, format_controls
+
+    df = triple_frame()
+    p = preregistration(df)[0]
+    c = controls_table(prereg_table(df, p), p)
+    assert c["passed"].all() and banner(c) == []
+    assert list(c["expect"]) == ["neither better nor worse", "worse"]
+    assert list(format_controls(c)["check"]) == ["passed", "passed"]
+    aa = aa_table(df, p)  # every held-out metric: Δ = 0 on sample_acc with no spread, p = 1
+    assert aa["metric"].tolist() == ["head_acc", "sample_acc"]
+    assert aa["verdict"].tolist() == ["inconclusive", "inconclusive"] and aa["p"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("change, failed", [
+    ({"aa": [0.80, 0.91, 0.99]}, "A/A control aa − base on head_acc must be neither better nor worse, "
+                                 "and is better"),  # d = [.10, .11, .09]: t = 10√3, p (Holm) 0.0066
+    ({"noisy": [0.70, 0.81, 0.89]}, "positive control noisy − base on head_acc must be worse, and is "
+                                    "inconclusive"),
+])
+def test_a_failed_control_opens_the_report(tmp_path, change, failed):
+    from harness.report.prereg import control_lines
+
+    df = triple_frame({**TRIPLE_HEAD, **change})
+    lines = control_lines(df)
+    assert lines == ["CONTROL FAILED: this run cannot be trusted", f"The {failed} (n = 3 paired seeds)."]
+    results.write_parquet_atomic(df.drop(columns="sweep"), tmp_path / "triples" / "results.parquet")
+    md = build_report([tmp_path / "triples"], tmp_path / "out", baseline="base")["report.md"].read_text()
+    head = md.split("\n\n")
+    assert head[0].startswith("# genrep-bench report")
+    assert head[1] == "## CONTROL FAILED: this run cannot be trusted" and failed in head[2]
+    assert md.index("CONTROL FAILED") < md.index("## Pre-registered comparisons") and failed in md
+    assert "| FAILED |" in md
+
+
+def test_controls_without_results_fail():
+    """A registered control with no paired seeds cannot vouch for the run."""
+    from harness.report.prereg import control_lines
+
+    df = triple_frame({k: v for k, v in TRIPLE_HEAD.items() if k != "noisy"})
+    assert control_lines(df)[1].endswith("is inconclusive (n = 0 paired seeds).")
+
+
+def test_report_with_passing_controls_has_no_banner(tmp_path):
+    df = triple_frame()
+    results.write_parquet_atomic(df.drop(columns="sweep"), tmp_path / "triples" / "results.parquet")
+    paths = build_report([tmp_path / "triples"], tmp_path / "out", baseline="base")
+    md = paths["report.md"].read_text()
+    assert "CONTROL FAILED" not in md and "### Controls" in md and "A/A arm on every held-out" in md
+    assert "kd − kd_self" in md and "[A/A]" in md and "[positive control]" in md
+    assert "α/m = 0.0125" in md and "MDE (α/m = 0.0125)" in md
+    assert {"controls.csv", "aa.csv"} <= set(paths)
+
+
+# ---------------------------------------------------------------- the sections: triples, controls, pilot
+def controlled(**prereg) -> dict:
+    """sweeps/compare.yaml (baseline sum, seeds 0–4) with an A/A and a positive control arm."""
+    raw = sweep(**prereg)
+    raw["variants"] = {**raw["variants"], "aa": {"strategy": "sum", "seed_offset": 1000},
+                       "noisy": {"strategy": "sum", "overrides": {"data.label_noise": 0.4}}}
+    raw["preregistration"].setdefault("controls", {"aa": "aa", "positive": {"arm": "noisy"}})
+    return raw
+
+
+def test_controls_and_triples_parse():
+    from harness.trial import arm_configs, resolve
+
+    raw = controlled(comparisons=["genrep"], family=[{"arm": "genrep", "reference": "pcgrad",
+                                                      "metric": "head_acc"}])
+    cfg = from_dict(raw, "sweeps/x.yaml")
+    r = cfg.preregistration.resolved(cfg.labels(), cfg.seed_offsets())
+    assert r.seed_offsets == {"aa": 1000} and r.controls.positive.expect == "worse"
+    assert [(c.arm, c.reference, c.metric) for c in r.triples()] == [
+        ("genrep", "sum", "head_acc"), ("genrep", "sum", "fd_ref"), ("genrep", "pcgrad", "head_acc"),
+        ("aa", "sum", "head_acc"), ("aa", "sum", "fd_ref"), ("noisy", "sum", "head_acc")]
+    assert r.alpha_first() == pytest.approx(0.05 / 6)
+    assert cfg.arm("aa", 2).seed == 1002 and cfg.arm("noisy", 2).data.label_noise == 0.4
+    params = {"variant": "aa", "seed": 3}
+    assert resolve(arm_configs(cfg), params) == resolve(cfg, params) == cfg.arm("aa", 3)
+    defaults = from_dict(controlled(), "sweeps/x.yaml")  # comparisons default: not the controls
+    assert not {"aa", "noisy", "sum"} & set(defaults.preregistration.resolved(defaults.labels()).comparisons)
+
+
+@pytest.mark.parametrize("patch, variants, words", [
+    ({}, {"aa": {"strategy": "sum", "seed_offset": 1000, "overrides": {"method.beta_kd": 0.0}}},
+     "controls.aa: 'aa' differs from the baseline 'sum' in method.beta_kd"),
+    ({}, {"aa": {"strategy": "sum"}}, "controls.aa: 'aa' must be a variant with a seed_offset > 0"),
+    ({}, {"aa": {"strategy": "sum", "seed_offset": 2}},
+     "variants.aa.seed_offset: 2 gives the A/A arm seeds the baseline also runs ([2, 3, 4])"),
+    ({}, {"noisy": {"strategy": "sum"}}, "controls.positive.arm: 'noisy' has the baseline's config"),
+    ({"comparisons": ["genrep", "noisy"]}, {}, "comparisons[1]: 'noisy' is a control"),
+    ({"comparisons": ["genrep"], "family": [{"arm": "genrep", "reference": "sum", "metric": "head_acc"}]},
+     {}, "genrep − sum on head_acc is registered twice"),
+    ({"family": [{"arm": "genrep", "reference": "nope", "metric": "head_acc"}]}, {},
+     "preregistration.family[0].reference: 'nope' is no arm"),
+    ({"family": [{"arm": "genrep", "reference": "pcgrad", "metric": "cos"}]}, {},
+     "preregistration.family[0].metric: 'cos' is not a held-out metric"),
+    ({"controls": {"positive": {"arm": "noisy", "metric": "mc_acc"}}}, {},
+     "preregistration.margins.mc_acc: every metric of the family needs"),
+    ({"seed_offsets": {"aa": 1000}}, {}, "preregistration.seed_offsets: filled from variants"),
+    ({"mde": {"kid_ref": 0.1}}, {}, "preregistration.mde.kid_ref: not a metric of the family"),
+    ({"primary": [], "comparisons": ["genrep"], "controls": {}}, {}, "registers no comparison"),
+])
+def test_bad_controls_and_triples(patch, variants, words):
+    raw = controlled(**patch)
+    raw["variants"].update(variants)
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw, "sweeps/x.yaml")
+    assert str(e.value).startswith("sweeps/x.yaml: ") and words in str(e.value), str(e.value)
+
+
+def test_strategies_may_be_empty_when_variants_run():
+    raw = controlled()
+    raw["strategies"], raw["preregistration"] = [], None
+    raw["variants"] = {"aa": {"strategy": "sum", "seed_offset": 1000}}
+    assert from_dict(raw, "sweeps/x.yaml").labels() == ("aa",)
+    raw["variants"] = {}
+    with pytest.raises(ConfigError, match="strategies: empty and no variants"):
+        from_dict(raw, "sweeps/x.yaml")
+
+
+def test_tost_floor_and_seeds_for_margin_by_hand():
+    """t_{0.95,4} = 2.131847: with 5 seeds and s_d 0.5 the 90% interval is ±0.4767 wide at Δ = 0."""
+    from harness.report.stats import seeds_for_margin, tost_floor
+
+    assert tost_floor(0.5, 5) == pytest.approx(2.131847 * 0.5 / math.sqrt(5), rel=1e-6)
+    t95 = 0.9 * math.sqrt(2) / math.sqrt(1 - 0.81)  # t_{.95,2}, closed form (test_tost_cases)
+    assert tost_floor(0.02, 3) == pytest.approx(t95 * 0.02 / SQ3)
+    n = seeds_for_margin(0.02, 0.01)
+    assert tost_floor(0.02, n) < 0.01 <= tost_floor(0.02, n - 1)
+    assert math.isnan(tost_floor(0.02, 1))
+
+
+def pilot_section(**pilot) -> dict:
+    return controlled(pilot={"seeds": 3, "paired_sd": {"head_acc": 0.02, "fd_ref": 1.0},
+                             "wall_s_per_trial": 35.0, "seeds_chosen": 5,
+                             "measured_on": "2026-12-10, test"} | pilot)
+
+
+def test_a_pilot_block_that_fits_loads():
+    """5 seeds: TOST's floors are t_{0.95,4}·s_d/√5 = 2.1318·0.02/√5 = 0.0191 (head_acc) and
+    0.953 (fd_ref); margins set from the pilot's spread, above them, load."""
+    raw = pilot_section()
+    raw["preregistration"]["margins"] = {"head_acc": 0.02, "fd_ref": 1.5}  # floors 0.0191, 0.953
+    p = from_dict(raw, "sweeps/x.yaml").preregistration
+    assert p.pilot.paired_sd == {"head_acc": 0.02, "fd_ref": 1.0} and p.pilot.seeds_chosen == 5
+
+
+@pytest.mark.parametrize("margins, pilot, mde, words", [
+    # head_acc ±0.01 at s_d 0.02 and 5 seeds: floor 0.0191 ≥ 0.01, never reachable
+    ({"head_acc": 0.01, "fd_ref": 1.5}, {}, {},
+     "preregistration.margins.head_acc: ±0.01 can never be reached: with 5 seeds and the pilot's "
+     "paired SD 0.02, TOST's 90% interval is ±0.0191 wide"),
+    ({"head_acc": 0.02, "fd_ref": 1.5}, {"seeds_chosen": 6}, {},
+     "pilot.seeds_chosen: 6, but preregistration.seeds registers 5"),
+    ({"head_acc": 0.02, "fd_ref": 1.5}, {"paired_sd": {"sample_acc": 0.1}}, {},
+     "pilot.paired_sd.sample_acc: not a metric of the family"),
+    ({"head_acc": 0.02, "fd_ref": 1.5}, {"paired_sd": {"head_acc": -0.1}}, {},
+     "pilot.paired_sd.head_acc: must be a number >= 0"),
+    # detecting 0.02 at s_d 0.02 (d = 1) with power 0.8 at α/m = 0.05/5 (genrep on two metrics,
+    # the A/A on two, the positive control) needs 16 seeds (exact power 0.835 at 16, 0.797 at 15)
+    ({"head_acc": 0.02, "fd_ref": 1.5}, {}, {"head_acc": 0.02},
+     "preregistration.mde.head_acc: detecting 0.02 with power 0.8 at α/m = 0.01 needs 16 paired "
+     "seeds given the pilot's paired SD 0.02; preregistration.seeds registers 5"),
+])
+def test_the_pilot_numbers_are_checked(margins, pilot, mde, words):
+    raw = pilot_section(**pilot)
+    raw["preregistration"].update(margins=margins, mde=mde, comparisons=["genrep"])
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw, "sweeps/x.yaml")
+    assert words in str(e.value), str(e.value)

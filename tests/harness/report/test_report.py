@@ -10,11 +10,15 @@ Grid sweep: strategies sum, pcgrad, genrep × seeds 0, 1, 2 (+ one failed genrep
   update_change 0.01·(seed+1)·(j+1) at row j: mean 0.03, each run's max 0.02·(seed+1) → mean 0.04;
   seg_conflict 0.1·(strategy index+1)·(j+1): genrep (index 2) [0.3, 0.6] → 0.45
   rss_mb [100, 200] per trial → peak 200; step_time = 0.1·(1 + strategy index).
+  images_per_s is the run's running total (images so far / seconds so far): 1000 at step 10, then
+  64/step_time at step 20 → the last, 320 for pcgrad (a mean of the rows would say 660).
+  robustness: head_acc_t50 = head_acc − 0.1, head_acc_t300 = head_acc − 0.4 (σ 0.0910, 0.4630).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -56,10 +60,12 @@ def grid_rows():
             train = [{"step": st, "split": "train", "loss_perc": 2.0 - j - 0.1 * seed,
                       "loss_gen": 1.0 - 0.2 * j, "cos": COS[s][j], "conflict": CONFLICT[s][j],
                       "damping": 0.5 if s == "genrep" else 1.0, "step_time": 0.1 * (1 + i),
-                      "images_per_s": 64 / (0.1 * (1 + i)), "mc_evals": 8.0, "rss_mb": 100.0 * (j + 1),
+                      "images_per_s": 64 / (0.1 * (1 + i)) if j else 1000.0, "mc_evals": 8.0, "rss_mb": 100.0 * (j + 1),
                       "update_change": 0.01 * (seed + 1) * (j + 1), "seg_conflict": 0.1 * (i + 1) * (j + 1)}
                      for j, st in enumerate((10, 20))]
-            rows += trial_rows(s, seed, {"head_acc": HEAD[s][seed], "fd_ref": FD[s][seed]}, train)
+            robust = {"head_acc_t50": HEAD[s][seed] - 0.1, "head_acc_t300": HEAD[s][seed] - 0.4,
+                      "noise_sigma_t50": 0.0910, "noise_sigma_t300": 0.4630}
+            rows += trial_rows(s, seed, {"head_acc": HEAD[s][seed], "fd_ref": FD[s][seed], **robust}, train)
     # a failed trial with wild partial rows: must not enter any statistic
     rows += trial_rows("genrep", 3, None, [{"step": 10, "split": "train", "conflict": 0.0,
                                             "step_time": 99.0, "cos": 0.9}], status="failed")
@@ -142,9 +148,27 @@ def test_main_table_means_cis_and_paired_delta(table):
 def test_main_table_cost_columns(table):
     assert cell(table, "sum", "rss_mb")["mean"] == 200.0  # peak per trial, not the mean 150
     assert cell(table, "genrep", "step_time")["mean"] == pytest.approx(0.3)  # not 99 (failed)
-    assert cell(table, "pcgrad", "images_per_s")["mean"] == pytest.approx(320.0)
+    assert cell(table, "pcgrad", "images_per_s")["mean"] == pytest.approx(320.0)  # the last row: the total
     assert cell(table, "sum", "mc_evals")["mean"] == 8.0
     assert set(table.loc[table["metric"] == "step_time", "kind"]) == {"cost"}
+
+
+def test_robustness_table_names_each_columns_noise(grid):
+    from harness.report.tables import robust_labels, robustness_table
+
+    r = robustness_table(grid)
+    assert list(dict.fromkeys(r["metric"])) == ["head_acc", "head_acc_t50", "head_acc_t300"]  # by t
+    t50 = cell(r, "sum", "head_acc_t50")
+    assert t50["mean"] == pytest.approx(0.7) and t50["ci"] == pytest.approx(T2 * 0.1 / math.sqrt(3))
+    assert cell(r, "genrep", "head_acc_t300")["delta"] == pytest.approx(0.04)  # paired, as head_acc
+    assert cell(r, "sum", "head_acc_t300")["sigma"] == pytest.approx(0.4630)
+    labels = robust_labels(r)
+    assert labels == {"head_acc": "head_acc (clean) ↑", "head_acc_t50": "head_acc_t50 (σ = 0.091) ↑",
+                      "head_acc_t300": "head_acc_t300 (σ = 0.463) ↑"}
+    md = format_table(r, "mean", "md", labels)
+    assert list(md.columns) == ["n", *labels.values()]
+    assert md.loc["genrep", "head_acc_t50 (σ = 0.091) ↑"] == "**0.74 ± 0.30**"
+    assert robustness_table(grid[~grid["metric"].str.startswith("head_acc_t")]).empty
 
 
 def test_best_respects_direction(table):
@@ -261,9 +285,22 @@ def test_build_report_files(report):
     assert "fd_ref: Fréchet distance in the reference classifier's feature space, not FID" in md
     assert "![acc_vs_fd](acc_vs_fd.png)" in md and "grid, search" in md and "abc123" in md
     assert "1 failed trial(s)" in md and "| genrep |" in md
+    assert "## Robustness" in md and "| strategy | n | head_acc (clean) ↑ | head_acc_t50 (σ = 0.091) ↑ |" in md
     html = paths["report.html"].read_text()
     assert "<table" in html and "data:image/png;base64," in html and 'src="acc_vs_fd.png"' not in html
     assert pd.read_csv(paths["main.csv"]).shape[0] > 0
+    assert set(pd.read_csv(paths["robustness.csv"])["metric"]) == {"head_acc", "head_acc_t50", "head_acc_t300"}
+
+
+def test_html_tables_have_one_header_row_led_by_the_index_name(report):
+    """pandas' to_html puts the index name on a second header row, empty but for that name: the
+    report folds it into the first header row's corner cell; headers may break after "_"."""
+    html = report[1]["report.html"].read_text()
+    heads = re.findall(r"<thead>(.*?)</thead>", html, re.S)
+    assert len(heads) >= 5 and all(h.count("<tr") == 1 for h in heads)
+    firsts = [re.search(r"<th[^>]*>(.*?)</th>", h, re.S)[1] for h in heads]
+    assert firsts[:2] == ["trial", "strategy"]  # the failed trials', then the main table
+    assert "update_<wbr>change_<wbr>mean" in html
 
 
 def test_cli_report(dirs, tmp_path, capsys):
@@ -281,7 +318,8 @@ CHROMIUM = Path("/usr/bin/chromium")
                     reason="needs /usr/bin/chromium: scripts/test.sh installs Debian's chromium where it can")
 def test_report_html_renders_in_chromium(report, tmp_path):
     """The self-contained HTML in a real headless browser: the DOM it builds has the tables and
-    every figure as an embedded image (none left as a file link), and the page renders."""
+    every figure as an embedded image (none left as a file link), the page renders, and at 1300 px
+    nothing scrolls sideways (the old CSS: 2,331 px wide, for the search and conflict tables)."""
     html = report[1]["report.html"]
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -290,8 +328,14 @@ def test_report_html_renders_in_chromium(report, tmp_path):
                          text=True, timeout=120, check=True).stdout
     assert dom.count("<table") >= 3 and "| strategy |" not in dom  # rendered tables, not Markdown
     assert dom.count("<img") >= 5 and dom.count('src="data:image/png;base64,') == dom.count("<img")
+    probe = tmp_path / "probe.html"  # the page's own width, read by a script in a copy of it
+    probe.write_text(html.read_text().replace(
+        "</body>", "<script>document.title = 'W' + document.documentElement.scrollWidth</script></body>"))
+    dom = subprocess.run([str(CHROMIUM), *flags, "--window-size=1300,2400", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert int(re.search(r"<title>W(\d+)</title>", dom)[1]) <= 1300
     shot = tmp_path / "report.png"
-    subprocess.run([str(CHROMIUM), *flags, f"--screenshot={shot}", "--window-size=1200,2400",
+    subprocess.run([str(CHROMIUM), *flags, f"--screenshot={shot}", "--window-size=1300,2400",
                     html.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20_000  # a page with figures, not a blank one
 
@@ -310,3 +354,45 @@ def test_cli_summary_takes_each_trials_last_evaluation_on_the_reporting_split():
     out = summary(results.frame(rows))
     assert out.loc["sum", "head_acc"] == pytest.approx(0.7)
     assert out.loc["sum", "step_time"] == pytest.approx(0.5) and out.loc["sum", "seeds"] == 2
+
+
+def test_direction_table_shows_every_metric_the_paper_direction_names():
+    """head_ece ↓ on the distillation row and kid_ref (neither a paper column) get their own
+    columns; a row whose paper Top-1 went down (semantic-driven generation, 45.4 → 44.1) reads
+    "↓ (worse)". ECE: sum [.20, .22, .24], genrep [.15, .18, .21], d = [−.05, −.04, −.03]."""
+    from harness.config import preregistration_from_dict
+    from harness.report.paper import direction_table, format_direction
+    from harness.report.prereg import prereg_table
+
+    ece = {"sum": [0.20, 0.22, 0.24], "genrep": [0.15, 0.18, 0.21], "pcgrad": [0.2, 0.2, 0.2]}
+    rows = [r for s in ece for seed in range(3)
+            for r in trial_rows(s, seed, {"head_acc": HEAD[s][seed], "head_ece": ece[s][seed],
+                                          "kid_ref": 1.0 + seed})]
+    df = results.frame(rows).assign(sweep="abl")
+    p = preregistration_from_dict({
+        "primary": ["head_acc"], "baseline": "sum", "comparisons": ["genrep", "pcgrad"],
+        "margins": {"head_acc": 0.01}, "seeds": 3,
+        "ablation": [{"arm": "sum", "row": "Baseline"}, {"arm": "genrep", "row": "+ distillation"},
+                     {"arm": "pcgrad", "row": "+ semantic"}],
+        "paper_direction": {"+ distillation": {"head_acc": "up", "head_ece": "down", "kid_ref": "down"},
+                            "+ semantic": {"head_acc": "down", "kid_ref": "down"}}})
+    t = format_direction(direction_table(df, p, prereg_table(df, p)))
+    assert list(t.columns) == ["vs", "Top-1: paper", "Top-1: ours", "head_ece: paper", "head_ece: ours",
+                               "kid_ref: paper", "kid_ref: ours"]
+    assert t.loc["+ distillation", "head_ece: paper"] == "↓ (better)"
+    # exploratory (†: head_ece is not primary): t = .04/(.01/√3) = 6.93, p = 1 − t/√(2 + t²) = 0.020
+    assert t.loc["+ distillation", "head_ece: ours"].startswith("better† (-0.040 ± ")
+    assert t.loc["+ semantic", "Top-1: paper"] == "↓ (worse)"
+    assert t.loc["+ semantic", "head_ece: paper"] == "—"
+
+
+def test_mark_best_on_one_metric_and_on_a_metric_without_direction():
+    """A table with a single metric (a groupby-apply returned a frame there) and one without a
+    direction (nothing is best)."""
+    from harness.report.tables import mark_best
+
+    one = pd.DataFrame({"metric": ["fd_ref"] * 3, "higher_is_better": [False] * 3, "mean": [2.0, 1.0, 1.0]})
+    assert mark_best(one).tolist() == [False, True, True]
+    mixed = pd.DataFrame({"metric": ["acc", "acc", "cos", "cos"], "higher_is_better": [True, True, None, None],
+                          "mean": [0.5, 0.7, 0.1, 0.2]})
+    assert mark_best(mixed).tolist() == [False, True, False, False]
