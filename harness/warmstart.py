@@ -42,7 +42,8 @@ def pretrain_trial(sweep: SweepConfig) -> TrialConfig:
     p = sweep.init.pretrain
     base = sweep.trial("sum", p.seed)
     weights = [0.0, 1.0] if p.loss == "generation" else [1.0, 1.0]
-    overrides = {"train.steps": p.steps, "train.stage1_steps": 0, "train.checkpoint_every": 0,
+    # train.checkpoint_every stays the sweep's: a killed pretrain resumes from its last checkpoint
+    overrides = {"train.steps": p.steps, "train.stage1_steps": 0,
                  "train.log_every": min(base.train.log_every, p.steps), "eval.every": 0,
                  "method.beta_kd": 0.0, "method.use_ce": True, "method.semantic.enabled": False,
                  "method.semantic.rep_align": 0.0, "strategy.options.task_weights": weights,
@@ -77,7 +78,7 @@ def resolve_init(sweep: SweepConfig, data: Dataset, storage: str) -> dict[str, A
         return verified(final, sweep)
     for stale in root.glob(f".tmp-pretrain-{key}-*"):  # a killed pretrain's leftovers
         shutil.rmtree(stale, ignore_errors=True)
-    return made(trial, key, data, storage, final)
+    return made(trial, sweep.init.pretrain.loss, key, data, storage, final)
 
 
 def from_path(sweep: SweepConfig) -> dict[str, Any]:
@@ -103,7 +104,7 @@ def verified(final: Path, sweep: SweepConfig) -> dict[str, Any]:
     return {**meta, "dir": str(final / "backbone")}
 
 
-def made(trial: TrialConfig, key: str, data: Dataset, storage: str, final: Path) -> dict[str, Any]:
+def made(trial: TrialConfig, loss: str, key: str, data: Dataset, storage: str, final: Path) -> dict[str, Any]:
     """Run the pretrain as a Ray Train job into a temporary directory, then rename it into place."""
     from harness.trial import fit
 
@@ -116,7 +117,7 @@ def made(trial: TrialConfig, key: str, data: Dataset, storage: str, final: Path)
         raise RuntimeError(f"init.pretrain: the warm start's run failed: {res.error}")
     final_row = getattr(res, "return_value", None) or {}
     meta = {"key": key, "source": "pretrain", "steps": trial.train.steps, "seed": trial.seed,
-            "loss": "generation" if trial.strategy.options.get("task_weights", [1])[0] == 0 else "joint",
+            "loss": loss,
             "digest": weights_digest(tmp / "backbone"),
             **{m: float(final_row[m]) for m in ("mc_acc", "mc_acc_stderr", "heldout_loss", "head_acc")
                if m in final_row}}

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness.config import ConfigError
+
 from .errors import DataError
 from .manifest import load_manifest
 from .pack import ensure_packed
@@ -103,8 +105,6 @@ def resolve_dataset(sweep: SweepConfig) -> Dataset:
 def mask_classes(sweep: SweepConfig, manifest) -> int | None:
     """The manifest's mask classes when ``data.masks`` (the loader's bound on mask values), checked
     against the seg head's C + 1 outputs; None without masks."""
-    from harness.config import ConfigError
-
     if not sweep.data.masks:
         return None
     try:

@@ -12,7 +12,8 @@
 """
 from harness.report.build import build_report
 from harness.report.search import search_table
-from harness.report.stats import mean_ci, paired_delta, pareto_front, t_quantile
+from harness.power import t_quantile
+from harness.report.stats import mean_ci, paired_delta, pareto_front
 from harness.report.tables import conflict_table, format_table, load, main_table
 
 __all__ = ["build_report", "conflict_table", "format_table", "load", "main_table", "mean_ci",

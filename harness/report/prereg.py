@@ -18,8 +18,9 @@ import math
 import pandas as pd
 
 from harness.config import ConfigError, PreregistrationConfig, preregistration_from_dict
-from harness.report.stats import (curve_mean, holm, mde_paired, mean_ci, paired_delta,
-                                  paired_t_test, t_quantile, tost_interval, tost_paired, verdict)
+from harness.power import mde_paired, t_quantile
+from harness.report.stats import (curve_mean, holm, mean_ci, paired_delta, paired_t_test,
+                                  tost_interval, tost_paired, verdict)
 from harness.report.tables import (QUALITY, UNIT, direction, final_values, held_out_split,
                                    labelled, ok_rows, pm)
 

@@ -20,10 +20,9 @@ from scipy.integrate import trapezoid
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import DescrStatsW
 
-# the power of the paired t test and TOST's reach live below harness.config (a sweep file's pilot
-# numbers are checked at load time); the report uses them from here
-from harness.power import (mde_paired, seeds_for_margin, seeds_for_mde, t_quantile,  # noqa: F401
-                           t_test_power, tost_floor)
+# t quantiles, the paired t test's power and TOST's reach live in harness.power, below
+# harness.config (a sweep file's pilot numbers are checked at load time): call them there
+from harness.power import t_quantile
 
 NAN = float("nan")
 

@@ -4,31 +4,16 @@ and the same wrong labels in every epoch, loader seed and worker split), never t
 from __future__ import annotations
 
 import math
-import tarfile
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
 from harness.config import ConfigError, from_dict
-from harness.data import is_labelled, make_loader, pack, shard_urls
+from harness.data import is_labelled, make_loader, shard_urls
 from harness.data.stream import noisy_label
 from tests.conftest import tiny_sweep
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """All 1,797 digits at 8 px: 1,437 train images in 300-sample shards."""
-    return pack("digits", tmp_path_factory.mktemp("digits"), image_size=8, shard_size=300)
-
-
-def keys_of(urls) -> list[str]:
-    out = []
-    for u in urls:
-        with tarfile.open(u) as t:
-            out += [n.split(".")[0] for n in t.getnames() if n.endswith(".cls")]
-    return out
+from tests.harness.data.conftest import keys_of
 
 
 def within(k: int, n: int, f: float) -> bool:
@@ -53,10 +38,10 @@ def test_noisy_label_rate_never_the_true_label_and_uniform_over_the_others():
     assert all(noisy_label(key, 1, 0.999999, 0, 2) == 0 for key in keys[:200])  # two classes: the other
 
 
-def test_the_loader_flips_about_40_percent_of_the_labelled_digits(digits):
+def test_the_loader_flips_about_40_percent_of_the_labelled_digits(digits8):
     """With 25% labels and 40% noise: the same images are labelled as without noise, and among them
     exactly the keys noisy_label picks (≈ 40%) carry a wrong label; unlabelled ones stay −1."""
-    urls = shard_urls(digits, "train")
+    urls = shard_urls(digits8, "train")
     keys = keys_of(urls)
     clean = torch.cat([b[1] for b in make_loader(urls, 64, shuffle_shards=False, drop_last=False)])
     part = dict(shuffle_shards=False, drop_last=False, labelled_fraction=0.25, label_seed=3)
@@ -77,8 +62,8 @@ def rows(loader) -> Counter:
     return Counter((int(y), x.numpy().tobytes()) for batch in loader for x, y in zip(*batch[:2]))
 
 
-def test_the_same_wrong_labels_in_every_epoch_seed_and_worker_split(digits):
-    urls = shard_urls(digits, "train")
+def test_the_same_wrong_labels_in_every_epoch_seed_and_worker_split(digits8):
+    urls = shard_urls(digits8, "train")
     noise = dict(labelled_fraction=0.5, label_noise=0.4, num_classes=10, drop_last=False)
     one = make_loader(urls, 32, seed=0, shuffle_buffer=50, **noise)
     reference = rows(one)

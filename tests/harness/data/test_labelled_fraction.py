@@ -3,7 +3,6 @@ seed, never of the stream's order: the same in every epoch, loader seed and work
 from __future__ import annotations
 
 import math
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,25 +13,12 @@ import torch
 from harness.config import ConfigError, from_dict
 from harness.data import is_labelled, make_loader, open_source, pack, shard_urls
 from tests.conftest import tiny_sweep
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """All 1,797 digits at 8 px: 1,437 train images in 300-sample shards."""
-    return pack("digits", tmp_path_factory.mktemp("digits"), image_size=8, shard_size=300)
+from tests.harness.data.conftest import keys_of
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     return pack("shapes", tmp_path_factory.mktemp("shapes"), shard_size=10, count=40)
-
-
-def keys_of(urls) -> list[str]:
-    out = []
-    for u in urls:
-        with tarfile.open(u) as t:
-            out += [n.split(".")[0] for n in t.getnames() if n.endswith(".cls")]
-    return out
 
 
 def rows(loader) -> Counter:
@@ -50,10 +36,10 @@ def test_is_labelled_hand_values_and_extremes():
     assert a != b and abs(len(a & b) / 4000 - 0.25**2) < 0.02
 
 
-def test_fraction_of_labelled_digits_and_which(digits):
+def test_fraction_of_labelled_digits_and_which(digits8):
     """≈ f of the 1,437 training keys are labelled (within 4 binomial sd), and the loader labels
     exactly the images of those keys, with their true labels."""
-    urls = shard_urls(digits, "train")
+    urls = shard_urls(digits8, "train")
     keys = keys_of(urls)
     chosen = [k for k in keys if is_labelled(k, 0.25, 0)]
     n = len(keys)
@@ -67,8 +53,8 @@ def test_fraction_of_labelled_digits_and_which(digits):
     assert torch.equal(ys_part[expect], ys_full[expect]) and (ys_part[~expect] == -1).all()
 
 
-def test_the_same_images_in_every_epoch_seed_and_worker_split(digits):
-    urls = shard_urls(digits, "train")
+def test_the_same_images_in_every_epoch_seed_and_worker_split(digits8):
+    urls = shard_urls(digits8, "train")
     one = make_loader(urls, 32, seed=0, shuffle_buffer=50, drop_last=False, labelled_fraction=0.3)
     reference = rows(one)
     assert rows(one) == reference  # the next epoch reshuffles, the same images stay labelled

@@ -16,7 +16,6 @@ The library calls (scipy.stats, statsmodels) are checked against these hand valu
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from types import SimpleNamespace
@@ -27,12 +26,12 @@ import yaml
 
 from harness import results
 from harness.config import ConfigError, from_dict
-from harness.report import build_report, load
+from harness.report import build_report
 from harness.report.paper import ablation_table, direction_table, format_ablation, format_direction
 from harness.report.prereg import (auc_table, format_auc, format_prereg, paired, preregistration,
                                    prereg_table)
-from harness.report.stats import (VERDICTS, curve_mean, holm, mde_paired, paired_t_test,
-                                  seeds_for_mde, t_quantile, t_test_power, tost_interval,
+from harness.power import mde_paired, seeds_for_mde, t_quantile, t_test_power
+from harness.report.stats import (VERDICTS, curve_mean, holm, paired_t_test, tost_interval,
                                   tost_paired, verdict)
 from tests.conftest import ROOT
 
@@ -660,7 +659,7 @@ def test_strategies_may_be_empty_when_variants_run():
 
 def test_tost_floor_and_seeds_for_margin_by_hand():
     """t_{0.95,4} = 2.131847: with 5 seeds and s_d 0.5 the 90% interval is ±0.4767 wide at Δ = 0."""
-    from harness.report.stats import seeds_for_margin, tost_floor
+    from harness.power import seeds_for_margin, tost_floor
 
     assert tost_floor(0.5, 5) == pytest.approx(2.131847 * 0.5 / math.sqrt(5), rel=1e-6)
     t95 = 0.9 * math.sqrt(2) / math.sqrt(1 - 0.81)  # t_{.95,2}, closed form (test_tost_cases)
